@@ -1,0 +1,148 @@
+"""Batched ancestral decoding on a :class:`~tiltsample.policy.DecodeSession`.
+
+The one decode loop every sampler shares: it samples with the caller's ``torch.Generator`` from
+``q_tau(v | x_<t) = softmax(log p(v | x_<t) / tau)`` (full vocabulary: no top-k, no top-p) and
+returns, per token, ``log p`` at temperature 1 and ``log q`` of the law the token was actually drawn
+from, so that importance weights ``p/q`` are exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from tiltsample.policy import DecodeSession
+from tiltsample.types import Seq
+
+
+class Decoded(NamedTuple):
+    """Result of :func:`decode_until_complete` for the rows of a session."""
+
+    tokens: Tensor
+    """``LongTensor[B, n]``: the new tokens (EOS-padded after a row ended)."""
+    token_log_p: Tensor
+    """``[B, n]`` float64: ``log p(x_t | x_<t)`` at temperature 1 (0 on padding)."""
+    token_log_q: Tensor
+    """``[B, n]`` float64: log-prob under the law that produced the token (0 on padding and
+    on a forced EOS)."""
+    new_lengths: Tensor
+    """``LongTensor[B]``: tokens each row actually received (EOS included)."""
+    generated_tokens: int
+    """Tokens emitted by the loop (sampled ones plus forced EOS), padding excluded."""
+
+    @property
+    def log_p(self) -> Tensor:
+        """``[B]``: summed temperature-1 log-prob of the new tokens."""
+        return self.token_log_p.sum(dim=1)
+
+    @property
+    def log_q(self) -> Tensor:
+        """``[B]``: summed proposal log-prob of the new tokens."""
+        return self.token_log_q.sum(dim=1)
+
+
+def tempered_logprobs(log_p: Tensor, temperature: float) -> Tensor:
+    """``log softmax(log_p / tau)`` with ``-inf`` entries kept at ``-inf`` (no NaN)."""
+    if temperature == 1.0:
+        return log_p
+    return torch.log_softmax(log_p / temperature, dim=-1)
+
+
+def sample_categorical(generator: torch.Generator, log_probs: Tensor) -> Tensor:
+    """One draw per row of ``log_probs`` ``[B, V]`` with the caller's generator."""
+    probs = torch.softmax(log_probs.to(torch.float64), dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def decode_until_complete(
+    session: DecodeSession,
+    generator: torch.Generator,
+    *,
+    eos_id: int,
+    max_length: int,
+    temperature: float = 1.0,
+    force_eos_at_cap: bool = False,
+    max_new: int | None = None,
+) -> Decoded:
+    """Extend every row of ``session`` until EOS, ``max_length`` total tokens, or ``max_new`` new.
+
+    Parameters
+    ----------
+    session
+        Rows to continue; rows that already ended receive EOS padding only.
+    generator
+        The caller's generator; nothing else is random.
+    eos_id
+        End-of-sequence id.
+    max_length
+        The response-length cap ``L`` (EOS included), measured from the start of the response.
+    temperature
+        Proposal temperature ``tau > 0`` (``q = softmax(log p / tau)``, full vocabulary).
+    force_eos_at_cap
+        The ``truncation="condition"`` rule: a row that reaches position ``L - 1`` without EOS gets
+        EOS there, with ``log q = 0`` and ``log p = log p(EOS | x_<L)``.
+    max_new
+        Stop after this many new tokens even before ``max_length`` (block-wise decoding).
+    """
+    batch = session.batch_size
+    start = session.length
+    live = ~(session.tokens() == eos_id).any(dim=1) if start else torch.ones(batch, dtype=torch.bool)
+    steps = max(max_length - start, 0)
+    if max_new is not None:
+        steps = min(steps, max_new)
+    toks: list[Tensor] = []
+    lps: list[Tensor] = []
+    lqs: list[Tensor] = []
+    new_len = torch.zeros(batch, dtype=torch.long)
+    generated = 0
+    for step in range(steps):
+        if not bool(live.any()):
+            break
+        position = start + step
+        log_p = session.logprobs().to(torch.float64)
+        if force_eos_at_cap and position == max_length - 1:
+            tok = torch.full((batch,), eos_id, dtype=torch.long)
+            lq = torch.zeros(batch, dtype=torch.float64)
+        else:
+            log_q_all = tempered_logprobs(log_p, temperature)
+            tok = sample_categorical(generator, log_q_all)
+            lq = log_q_all.gather(1, tok[:, None]).squeeze(1)
+        lp = log_p.gather(1, tok[:, None]).squeeze(1)
+        tok = torch.where(live, tok, torch.full_like(tok, eos_id))
+        zero = torch.zeros_like(lp)
+        toks.append(tok)
+        lps.append(torch.where(live, lp, zero))
+        lqs.append(torch.where(live, lq, zero))
+        new_len += live.long()
+        generated += int(live.sum())
+        session.extend(tok)
+        live = live & (tok != eos_id)
+    if toks:
+        return Decoded(
+            torch.stack(toks, 1), torch.stack(lps, 1), torch.stack(lqs, 1), new_len, generated
+        )
+    empty = torch.zeros((batch, 0), dtype=torch.float64)
+    return Decoded(torch.zeros((batch, 0), dtype=torch.long), empty, empty, new_len, 0)
+
+
+def rows_to_seqs(tokens: Tensor, eos_id: int) -> list[Seq]:
+    """Convert ``LongTensor[B, n]`` rows to :data:`Seq`, cutting after the first EOS."""
+    out: list[Seq] = []
+    for row in tokens.tolist():
+        if eos_id in row:
+            row = row[: row.index(eos_id) + 1]
+        out.append(tuple(row))
+    return out
+
+
+def seqs_to_rows(xs: Sequence[Seq], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Pad :data:`Seq` to ``LongTensor[B, n]`` with ``pad_id``; also return their lengths."""
+    length = max((len(x) for x in xs), default=0)
+    rows = torch.full((len(xs), length), pad_id, dtype=torch.long)
+    for i, x in enumerate(xs):
+        if x:
+            rows[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+    return rows, torch.tensor([len(x) for x in xs], dtype=torch.long)

@@ -1,0 +1,98 @@
+"""Names users type: registered samplers and toy targets.
+
+The core imports no sampler or target module: an entry holds a ``"module:attribute"`` path and is
+imported on first use, so ``import tiltsample`` stays light and the layering stays one-way.
+Sampler names are kebab-case; see ``docs/adding_a_sampler.md`` to add one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A registered sampler or target."""
+
+    name: str
+    path: str
+    summary: str
+    kind: str = ""
+
+    def load(self) -> Callable[..., Any]:
+        """Import and return the registered factory."""
+        module, _, attr = self.path.partition(":")
+        obj: Callable[..., Any] = getattr(importlib.import_module(module), attr)
+        return obj
+
+
+_SAMPLERS: dict[str, Entry] = {}
+_TARGETS: dict[str, Entry] = {}
+
+
+def _check_name(name: str) -> None:
+    if not name or name != name.lower() or " " in name or "_" in name:
+        raise ValueError(f"registry names are kebab-case (lower case, '-'), got {name!r}")
+
+
+def register_sampler(name: str, path: str, summary: str, kind: str = "iid") -> None:
+    """Register ``path`` (``"module:sampler"``) under ``name``; re-registering replaces it."""
+    _check_name(name)
+    if ":" not in path:
+        raise ValueError(f"path must look like 'package.module:attribute', got {path!r}")
+    _SAMPLERS[name] = Entry(name, path, summary, kind)
+
+
+def register_target(name: str, path: str, summary: str) -> None:
+    """Register a toy-target factory ``(seed: int, **options) -> TiltedTarget``."""
+    _check_name(name)
+    _TARGETS[name] = Entry(name, path, summary, "target")
+
+
+def _lookup(table: dict[str, Entry], what: str, name: str) -> Entry:
+    if not isinstance(name, str):
+        raise TypeError(f"{what} name must be a str, got {type(name).__name__}")
+    if name not in table:
+        close = difflib.get_close_matches(name, table, n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown {what} {name!r}{hint} Known: {sorted(table)}")
+    return table[name]
+
+
+def sampler_entry(name: str) -> Entry:
+    """The entry of a registered sampler (``ValueError`` naming the closest match otherwise)."""
+    return _lookup(_SAMPLERS, "sampler", name)
+
+
+def target_entry(name: str) -> Entry:
+    """The entry of a registered toy target."""
+    return _lookup(_TARGETS, "target", name)
+
+
+def samplers() -> list[Entry]:
+    """All registered samplers, sorted by name."""
+    return [_SAMPLERS[k] for k in sorted(_SAMPLERS)]
+
+
+def targets() -> list[Entry]:
+    """All registered toy targets, sorted by name."""
+    return [_TARGETS[k] for k in sorted(_TARGETS)]
+
+
+_S = "tiltsample.samplers"
+register_sampler("ancestral", f"{_S}.ancestral:sampler", "i.i.d. draws from p_ref (optionally at a temperature; low temperature is NOT the power distribution)")
+register_sampler("exact", f"{_S}.exact:sampler", "exact i.i.d. draws from an enumerable target")
+register_sampler("best-of-n", f"{_S}.best_of_n:sampler", "best-of-N: argmax of the tilt, or one SIR draw ∝ weights (selection='softmax')")
+register_sampler("beam", f"{_S}.beam:sampler", "beam search on prefix log-density (+ optional prefix potential)")
+register_sampler("importance", f"{_S}._template:sampler", "self-normalised importance sampling from p_ref (the copy-me template)")
+register_sampler("imh", f"{_S}.imh:sampler", "independence Metropolis–Hastings with whole-sequence proposals from p_ref", kind="markov")
+
+_T = "tiltsample.targets.toys"
+register_target("tabular", f"{_T}:tabular_toy", "random tabular policy (V=4, L=6) × binary 'contains token 1' reward")
+register_target("tabular-graded", f"{_T}:graded_toy", "random tabular policy × graded reward (fraction of token 1)")
+register_target("power-example", f"{_T}:power_example", "the two-token power-vs-temperature example of specs/mcmc.md §1 (alpha=4)")
+register_target("decision-trace", f"{_T}:decision_trace_toy", "stylized reasoning trace: few decisions among filler, power target alpha=4")
