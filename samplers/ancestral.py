@@ -49,7 +49,9 @@ def build_kernel(temperature: float = 1.0) -> Any:
     """One batch of ancestral draws at ``temperature``."""
     temperature = validation.positive_float("temperature", temperature)
 
-    def step(generator: torch.Generator, state: AncestralState) -> tuple[AncestralState, AncestralInfo]:
+    def step(
+        generator: torch.Generator, state: AncestralState
+    ) -> tuple[AncestralState, AncestralInfo]:
         n = iid.next_batch(state)
         props = propose(state.target, generator, n, temperature)
         part = SampleSet(

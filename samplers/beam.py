@@ -3,7 +3,8 @@ r"""Beam search on prefix log-density, with an optional prefix potential.
 Score of a hypothesis
     complete response ``x``: ``log p_ref(x) + log_tilt(x)`` (the unnormalised ``log pi(x)``);
     unfinished prefix ``x_{1:t}``: ``log p_ref(x_{1:t}) + log psi(x_{1:t})`` with ``psi`` the
-    prefix potential (``0`` without one). With the exact potential ``psi = E[exp(log_tilt) | prefix]``
+    prefix potential (``0`` without one). With the exact potential
+    ``psi = E[exp(log_tilt) | prefix]``
     both scores are log-marginals of ``pi`` on one scale, and a beam as wide as the support returns
     the mode of ``pi`` exactly.
 Step
@@ -51,16 +52,20 @@ class BeamInfo(NamedTuple):
     num_finished: int
 
 
-def init(
-    target: TiltedTarget, *, generator: torch.Generator, num_samples: int = 1
-) -> BeamState:
+def init(target: TiltedTarget, *, generator: torch.Generator, num_samples: int = 1) -> BeamState:
     """One empty beam."""
     validation.positive_int("num_samples", num_samples)
     session = open_session(target.policy, target.prompt, 1)
     zero = torch.zeros(1, dtype=torch.float64)
     return BeamState(
-        target, session, [()], zero, zero.clone(), torch.zeros(1, dtype=torch.bool),
-        num_samples, Cost(),
+        target,
+        session,
+        [()],
+        zero,
+        zero.clone(),
+        torch.zeros(1, dtype=torch.bool),
+        num_samples,
+        Cost(),
     )
 
 
@@ -68,7 +73,9 @@ def build_kernel(num_beams: int = 4, potential: PrefixPotential | None = None) -
     """One expansion of every live beam."""
     width = validation.positive_int("num_beams", num_beams)
     if potential is not None and not callable(getattr(potential, "log_potential", None)):
-        raise TypeError("potential must implement PrefixPotential.log_potential(prompt, prefixes, generator)")
+        raise TypeError(
+            "potential must implement PrefixPotential.log_potential(prompt, prefixes, generator)"
+        )
 
     def step(generator: torch.Generator, state: BeamState) -> tuple[BeamState, BeamInfo]:
         target = state.target
@@ -193,6 +200,9 @@ def sampler(
         step=build_kernel(num_beams, potential),
         done=done,
         result=result,
-        params={"num_beams": num_beams, "potential": type(potential).__name__ if potential else None},
+        params={
+            "num_beams": num_beams,
+            "potential": type(potential).__name__ if potential else None,
+        },
         total_steps=target.max_new_tokens,
     )

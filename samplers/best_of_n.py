@@ -12,10 +12,12 @@ For each output, draw ``M = num_candidates`` complete responses ``x_1..x_M ~ q_t
 ``selection="argmax"``
     Return the candidate with the largest log-tilt (first index among ties — by exchangeability
     equivalent to a uniform tie-break). As ``lam → 0`` with many candidates this concentrates on the
-    reward maximisers; it is not a sampler of ``pi``. Exact law: ``tiltsample.theory.best_of_n_law``.
+    reward maximisers; it is not a sampler of ``pi``. Exact law:
+    ``tiltsample.theory.best_of_n_law``.
 
 Both report every draw's candidates and selection probabilities (``SampleSet.selections``; one-hot
-for argmax) and ``log_evidence = log mean_m w_m`` over all candidates, an unbiased estimate of ``Z``.
+for argmax) and ``log_evidence = log mean_m w_m`` over all candidates, an unbiased estimate of
+``Z``.
 A group whose weights are all zero (every candidate violates a constraint) yields a failed draw
 with log-weight ``-inf``.
 
@@ -77,9 +79,7 @@ def selection_probabilities(log_weights: Tensor, log_tilt: Tensor, selection: st
     return torch.nn.functional.one_hot(best, score.shape[1]).to(torch.float64)
 
 
-def build_kernel(
-    num_candidates: int, selection: str = "softmax", temperature: float = 1.0
-) -> Any:
+def build_kernel(num_candidates: int, selection: str = "softmax", temperature: float = 1.0) -> Any:
     """One batch of best-of-N draws."""
     m = validation.positive_int("num_candidates", num_candidates)
     selection = validation.one_of("selection", selection, SELECTIONS)

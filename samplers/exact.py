@@ -64,7 +64,9 @@ def build_kernel(batch_size: int | None = None) -> Any:
 
     def step(generator: torch.Generator, state: ExactState) -> tuple[ExactState, ExactInfo]:
         n = state.remaining if batch_size is None else min(batch_size, state.remaining)
-        idx = torch.multinomial(torch.exp(state.log_probs), n, replacement=True, generator=generator)
+        idx = torch.multinomial(
+            torch.exp(state.log_probs), n, replacement=True, generator=generator
+        )
         new = state._replace(remaining=state.remaining - n, drawn=state.drawn + tuple(idx.tolist()))
         return new, ExactInfo(Cost(), n)
 

@@ -87,13 +87,17 @@ def build_kernel(temperature: float = 1.0) -> Any:
         log_u = torch.log(torch.rand(n, generator=generator, dtype=torch.float64))
         acc = log_u < log_ratio
         pick = acc.tolist()
-        seqs = [b if a else x for a, x, b in zip(pick, state.sequences, props.sequences, strict=True)]
+        seqs = [
+            b if a else x for a, x, b in zip(pick, state.sequences, props.sequences, strict=True)
+        ]
 
         def mix(new: Tensor, old: Tensor) -> Tensor:
             return torch.where(acc, new, old)
 
         reward = (
-            None if props.reward is None or state.reward is None else mix(props.reward, state.reward)
+            None
+            if props.reward is None or state.reward is None
+            else mix(props.reward, state.reward)
         )
         cost = state.cost + props.cost
         new_state = IMHState(
@@ -171,7 +175,10 @@ def sampler(
         name="imh",
         kind="markov",
         init=lambda g: init(
-            target, generator=g, num_samples=num_samples, num_steps=num_steps,
+            target,
+            generator=g,
+            num_samples=num_samples,
+            num_steps=num_steps,
             temperature=temperature,
         ),
         step=build_kernel(temperature),

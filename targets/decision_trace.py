@@ -52,7 +52,9 @@ class DecisionTracePolicy:
             raise ValueError("filler_noise must be < 1")
         pa, pb = (float(p) for p in first_probs)
         if pa < 0 or pb < 0 or abs(pa + pb - 1.0) > 1e-12:
-            raise ValueError(f"first_probs must be two probabilities summing to 1, got {first_probs}")
+            raise ValueError(
+                f"first_probs must be two probabilities summing to 1, got {first_probs}"
+            )
         self.first_probs = (pa, pb)
         self.max_len = self.num_decisions * (self.filler_len + 1)
 

@@ -89,7 +89,9 @@ def decode_until_complete(
     """
     batch = session.batch_size
     start = session.length
-    live = ~(session.tokens() == eos_id).any(dim=1) if start else torch.ones(batch, dtype=torch.bool)
+    live = (
+        ~(session.tokens() == eos_id).any(dim=1) if start else torch.ones(batch, dtype=torch.bool)
+    )
     steps = max(max_length - start, 0)
     if max_new is not None:
         steps = min(steps, max_new)

@@ -64,9 +64,7 @@ def chain_diagnostics(stats: dict[str, Tensor]) -> dict[str, dict[str, float]]:
             raise ValueError(f"statistic {name!r} must be [chains, draws], got {tuple(x.shape)}")
         chains, draws = x.shape
         entry: dict[str, float] = {"mean": float(x.mean()) if x.numel() else float("nan")}
-        if not bool(torch.isfinite(x).all()):
-            entry.update(ess=float("nan"), rhat=float("nan"), autocorr_lag1=float("nan"))
-        elif draws < 4:
+        if not bool(torch.isfinite(x).all()) or draws < 4:
             entry.update(ess=float("nan"), rhat=float("nan"), autocorr_lag1=float("nan"))
         elif float(x.std()) == 0.0:
             entry.update(ess=float(chains * draws), rhat=1.0, autocorr_lag1=0.0)

@@ -12,7 +12,7 @@ from tiltsample.registry import sampler_entry
 from tiltsample.results import ChainTrace, SampleSet
 from tiltsample.sampler import SamplingAlgorithm
 from tiltsample.target import TiltedTarget
-from tiltsample.types import Cost, Seq
+from tiltsample.types import Seq
 
 
 def build(
@@ -113,11 +113,9 @@ def run_chains(
     state = algorithm.init(gen)
     seqs: list[list[Seq]] = [[] for _ in range(num_chains)]
     stats: dict[str, list[torch.Tensor]] = {}
-    cost = Cost()
     with _progress(algorithm.total_steps, progress, algorithm.name) as bar:
         while not algorithm.done(state):
-            state, info = algorithm.step(gen, state)
-            cost = cost + info.cost
+            state, _info = algorithm.step(gen, state)
             record = algorithm.record(state)
             for c, x in enumerate(record.sequences):
                 seqs[c].append(x)
@@ -125,7 +123,7 @@ def run_chains(
                 stats.setdefault(key, []).append(torch.as_tensor(value, dtype=torch.float64))
             bar.update(1)
     final = algorithm.result(state)
-    meta = {"sampler": algorithm.name, "params": dict(algorithm.params)}
+    meta: dict[str, Any] = {"sampler": algorithm.name, "params": dict(algorithm.params)}
     if used_seed is not None:
         meta["seed"] = used_seed
     stacked = {k: torch.stack(v, dim=1) for k, v in stats.items()}

@@ -64,7 +64,9 @@ def enumerate_target(
             else:
                 keep = total > -torch.inf
             rows, toks = keep.nonzero(as_tuple=True)
-            for r, v, value in zip(rows.tolist(), toks.tolist(), total[rows, toks].tolist(), strict=True):
+            for r, v, value in zip(
+                rows.tolist(), toks.tolist(), total[rows, toks].tolist(), strict=True
+            ):
                 x = (*chunk[r], v)
                 if v == eos or len(x) == cap:
                     done.append(x)

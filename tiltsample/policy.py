@@ -45,9 +45,7 @@ class ReferencePolicy(Protocol):
         """
         ...
 
-    def sequence_logprob(
-        self, prompt: Seq, xs: Sequence[Seq], per_token: bool = False
-    ) -> Tensor:
+    def sequence_logprob(self, prompt: Seq, xs: Sequence[Seq], per_token: bool = False) -> Tensor:
         """``sum_t log p(x_t | y, x_<t)`` over the tokens present in each ``x`` (EOS included).
 
         With ``per_token=True`` return ``[B, L_max]``, zero beyond each sequence's length.
@@ -189,7 +187,9 @@ class PrefixSession:
             self._calls += 1
             if self._accounting == "recompute":
                 self._forward += len(live) * (len(self._prompt) + self.length)
-        if self._accounting == "cached" and (self._pending_shared or bool(self._pending_rows.any())):
+        if self._accounting == "cached" and (
+            self._pending_shared or bool(self._pending_rows.any())
+        ):
             if not live:
                 self._calls += 1
             self._forward += self._pending_shared + int(self._pending_rows.sum())

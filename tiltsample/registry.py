@@ -84,15 +84,51 @@ def targets() -> list[Entry]:
 
 
 _S = "tiltsample.samplers"
-register_sampler("ancestral", f"{_S}.ancestral:sampler", "i.i.d. draws from p_ref (optionally at a temperature; low temperature is NOT the power distribution)")
+register_sampler(
+    "ancestral",
+    f"{_S}.ancestral:sampler",
+    "i.i.d. draws from p_ref (optionally at a temperature; "
+    "low temperature is NOT the power distribution)",
+)
 register_sampler("exact", f"{_S}.exact:sampler", "exact i.i.d. draws from an enumerable target")
-register_sampler("best-of-n", f"{_S}.best_of_n:sampler", "best-of-N: argmax of the tilt, or one SIR draw ∝ weights (selection='softmax')")
-register_sampler("beam", f"{_S}.beam:sampler", "beam search on prefix log-density (+ optional prefix potential)")
-register_sampler("importance", f"{_S}._template:sampler", "self-normalised importance sampling from p_ref (the copy-me template)")
-register_sampler("imh", f"{_S}.imh:sampler", "independence Metropolis–Hastings with whole-sequence proposals from p_ref", kind="markov")
+register_sampler(
+    "best-of-n",
+    f"{_S}.best_of_n:sampler",
+    "best-of-N: argmax of the tilt, or one SIR draw ∝ weights (selection='softmax')",
+)
+register_sampler(
+    "beam", f"{_S}.beam:sampler", "beam search on prefix log-density (+ optional prefix potential)"
+)
+register_sampler(
+    "importance",
+    f"{_S}._template:sampler",
+    "self-normalised importance sampling from p_ref (the copy-me template)",
+)
+register_sampler(
+    "imh",
+    f"{_S}.imh:sampler",
+    "independence Metropolis–Hastings with whole-sequence proposals from p_ref",
+    kind="markov",
+)
 
 _T = "tiltsample.targets.toys"
-register_target("tabular", f"{_T}:tabular_toy", "random tabular policy (V=4, L=6) × binary 'contains token 1' reward")
-register_target("tabular-graded", f"{_T}:graded_toy", "random tabular policy × graded reward (fraction of token 1)")
-register_target("power-example", f"{_T}:power_example", "the two-token power-vs-temperature example of specs/mcmc.md §1 (alpha=4)")
-register_target("decision-trace", f"{_T}:decision_trace_toy", "stylized reasoning trace: few decisions among filler, power target alpha=4")
+register_target(
+    "tabular",
+    f"{_T}:tabular_toy",
+    "random tabular policy (V=4, L=6) × binary 'contains token 1' reward",
+)
+register_target(
+    "tabular-graded",
+    f"{_T}:graded_toy",
+    "random tabular policy × graded reward (fraction of token 1)",
+)
+register_target(
+    "power-example",
+    f"{_T}:power_example",
+    "the two-token power-vs-temperature example of specs/mcmc.md §1 (alpha=4)",
+)
+register_target(
+    "decision-trace",
+    f"{_T}:decision_trace_toy",
+    "stylized reasoning trace: few decisions among filler, power target alpha=4",
+)

@@ -54,7 +54,10 @@ def stratified(generator: torch.Generator, weights: Tensor, n: int) -> Tensor:
     """One uniform per stratum ``[k/n, (k+1)/n)``."""
     w = _normalised(weights)
     validation.positive_int("n", n)
-    u = (torch.arange(n, dtype=torch.float64) + torch.rand(n, generator=generator, dtype=torch.float64)) / n
+    u = (
+        torch.arange(n, dtype=torch.float64)
+        + torch.rand(n, generator=generator, dtype=torch.float64)
+    ) / n
     return _inverse_cdf(w, u)
 
 

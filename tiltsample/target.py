@@ -5,9 +5,9 @@ r"""The shared target: a reference policy times a composable tilt.
     \pi(x \mid y) \;\propto\; p_{\mathrm{ref}}(x \mid y)\,
         \exp\Big(\sum_k s_k\, r_k(y, x)\Big),
 
-with the primary term ``s = 1/lam`` for a reward ``r``. The power distribution ``p_ref^alpha`` is the
-special case ``r = (alpha - 1) log p_ref``, ``lam = 1`` (:func:`power_target`); hard constraints are
-terms whose reward is ``0`` or ``-inf``. Every sampler accepts every target.
+with the primary term ``s = 1/lam`` for a reward ``r``. The power distribution ``p_ref^alpha`` is
+the special case ``r = (alpha - 1) log p_ref``, ``lam = 1`` (:func:`power_target`); hard
+constraints are terms whose reward is ``0`` or ``-inf``. Every sampler accepts every target.
 
 Length handling is a property of the target (``truncation``):
 
@@ -18,11 +18,13 @@ Length handling is a property of the target (``truncation``):
 ``"condition"``
     Only EOS-terminated responses of at most ``max_new_tokens`` tokens (EOS included) are in the
     support: ``pi(x) ∝ p_ref(x) G(x) 1{x ends with EOS, |x| <= max_new_tokens}``. Samplers that
-    decode force EOS at the last position and carry the factor ``p_ref(EOS | x_<L)`` in their weights.
+    decode force EOS at the last position and carry the factor ``p_ref(EOS | x_<L)`` in their
+    weights.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -51,17 +53,28 @@ class LogProbReward:
     uses_reference_logprob = True
 
     def __init__(self, policy: ReferencePolicy, scale: float = 1.0) -> None:
-        if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
+        if (
+            isinstance(scale, bool)
+            or not isinstance(scale, int | float)
+            or not math.isfinite(scale)
+        ):
             raise ValueError(f"scale must be a finite number, got {scale!r}")
         self.policy = policy
         self.scale = float(scale)
 
     def __call__(self, prompt: Seq, xs: Sequence[Seq]) -> Tensor:
-        return self.scale * self.policy.sequence_logprob(prompt, xs).to(torch.float64)
+        return self.from_reference(self.policy.sequence_logprob(prompt, xs))
 
     def from_reference(self, log_reference: Tensor) -> Tensor:
-        """The reward given already computed ``log p_ref(x)`` values."""
-        return self.scale * log_reference.to(torch.float64)
+        """The reward given already computed ``log p_ref(x)`` values.
+
+        A response of reference probability zero is outside every tilted target's support: its
+        reward is ``-inf`` whatever the sign of ``scale`` (never ``+inf`` or NaN).
+        """
+        log_reference = log_reference.to(torch.float64)
+        return torch.where(
+            torch.isneginf(log_reference), log_reference, self.scale * log_reference
+        )
 
     def __repr__(self) -> str:
         return f"LogProbReward(scale={self.scale})"
@@ -226,9 +239,7 @@ class TiltedTarget:
             return torch.zeros(0, dtype=torch.float64)
         return self.policy.sequence_logprob(self.prompt, xs).to(torch.float64)
 
-    def evaluate_tilt(
-        self, xs: Sequence[Seq], log_reference: Tensor | None = None
-    ) -> TiltScores:
+    def evaluate_tilt(self, xs: Sequence[Seq], log_reference: Tensor | None = None) -> TiltScores:
         """Log-tilt, primary reward and reward cost of complete responses.
 
         ``log_reference`` (if the caller already has ``log p_ref(x)``) is reused by reference-log-
@@ -277,18 +288,9 @@ def _scaled(values: Tensor, scale: float) -> Tensor:
 
 
 def _replace(target: TiltedTarget, **changes: Any) -> TiltedTarget:
-    fields_ = {
-        "policy": target.policy,
-        "reward": target.reward,
-        "lam": target.lam,
-        "prompt": target.prompt,
-        "max_new_tokens": target.max_new_tokens,
-        "truncation": target.truncation,
-        "extra_terms": target.extra_terms,
-        "meta": dict(target.meta),
-    }
-    fields_.update(changes)
-    return TiltedTarget(**fields_)
+    """A validated copy of ``target`` with some fields changed (``meta`` copied)."""
+    changes.setdefault("meta", dict(target.meta))
+    return dataclasses.replace(target, **changes)
 
 
 def power_target(

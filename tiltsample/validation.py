@@ -75,7 +75,9 @@ def generator(name: str, value: Any) -> torch.Generator:
     return value
 
 
-def make_generator(seed: int | None, gen: torch.Generator | None) -> tuple[torch.Generator, int | None]:
+def make_generator(
+    seed: int | None, gen: torch.Generator | None
+) -> tuple[torch.Generator, int | None]:
     """Resolve the ``seed=`` / ``generator=`` pair of the drivers.
 
     Exactly one may be given. With neither, a fresh seed is drawn from the OS (never from torch's

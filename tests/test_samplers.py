@@ -1,0 +1,190 @@
+"""Baseline samplers: conformance, reproducibility, costs, exact laws where closed-form."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+
+import tiltsample
+from tiltsample import registry
+from tiltsample.enumeration import enumerate_target
+from tiltsample.targets.rewards import ConstraintReward, ContainsTokenReward
+from tiltsample.targets.tabular import random_tabular
+from tiltsample.targets.toys import tabular_toy
+from tiltsample.testing import check_sampler
+from tiltsample.testing.strategies import tabular_targets
+from tiltsample.types import Seq
+
+PARAMS: dict[str, dict[str, object]] = {
+    "ancestral": {"temperature": 0.7},
+    "exact": {},
+    "best-of-n": {"num_candidates": 3},
+    "beam": {"num_beams": 3},
+    "importance": {"temperature": 1.3},
+    "imh": {"num_steps": 4},
+}
+
+
+def test_every_registered_sampler_has_conformance_parameters() -> None:
+    assert {e.name for e in registry.samplers()} == set(PARAMS)
+
+
+@pytest.mark.parametrize("name", sorted(PARAMS))
+@settings(max_examples=10)
+@given(target=tabular_targets())
+def test_sampler_conformance_on_random_targets(name: str, target: tiltsample.TiltedTarget) -> None:
+    n = 2 if name == "beam" else 5
+    check_sampler(name, target, num_samples=n, **PARAMS[name])
+
+
+def _beam_reference(target: tiltsample.TiltedTarget, width: int) -> list[tuple[Seq, float]]:
+    """A plain re-statement of the beam rule, scoring by exhaustive dictionary lookups."""
+    e = enumerate_target(target)
+    log_pi = dict(zip(e.support, e.log_density.tolist(), strict=True))
+    eos, cap = target.eos_id, target.max_new_tokens
+    beams: list[tuple[Seq, float, bool]] = [((), 0.0, False)]
+    while not all(done for _, _, done in beams):
+        cands: list[tuple[Seq, float, bool]] = []
+        for prefix, logp, done in beams:
+            if done:
+                cands.append((prefix, logp, True))
+                continue
+            lp = target.policy.next_logprobs((), [prefix])[0]
+            for v in range(target.vocab_size):
+                if lp[v] == -math.inf:
+                    continue
+                if target.truncation == "condition" and len(prefix) == cap - 1 and v != eos:
+                    continue
+                x = (*prefix, v)
+                if target.is_complete(x):
+                    cands.append((x, log_pi.get(x, -math.inf), True))
+                else:
+                    cands.append((x, logp + float(lp[v]), False))
+        cands.sort(key=lambda c: -c[1])  # stable: ties keep expansion order
+        beams = cands[:width]
+    return [(x, s) for x, s, _ in beams]
+
+
+@settings(max_examples=20)
+@given(target=tabular_targets())
+def test_beam_matches_the_reference_rule(target: tiltsample.TiltedTarget) -> None:
+    for width in (1, 2, 5):
+        out = tiltsample.sample("beam", target, 1, seed=0, num_beams=width)
+        ref = _beam_reference(target, width)
+        assert out.sequences[0] == ref[0][0]
+        assert out.meta["scores"][0] == pytest.approx(ref[0][1], abs=1e-9)
+
+
+def test_best_of_n_cost_and_selections() -> None:
+    target = tabular_toy()
+    out = tiltsample.sample("best-of-n", target, 5, seed=3, num_candidates=4)
+    assert out.selections is not None and len(out.selections) == 5
+    lengths = sum(len(c) for sel in out.selections for c in sel.candidates)
+    assert out.cost.generated_tokens == lengths  # every candidate token counted
+    assert out.cost.reward_calls == 20
+    for sel, x in zip(out.selections, out.sequences, strict=True):
+        assert sel.candidates[sel.chosen] == x
+        assert float(sel.probs.sum()) == pytest.approx(1.0)
+    rb = out.empirical(rao_blackwell=True)
+    assert sum(rb.values()) == pytest.approx(1.0)
+
+
+def test_best_of_n_with_one_candidate_is_ancestral() -> None:
+    target = tabular_toy()
+    a = tiltsample.sample("best-of-n", target, 50, seed=9, num_candidates=1)
+    b = tiltsample.sample("ancestral", target, 50, seed=9)
+    assert a.sequences == b.sequences
+
+
+def test_tiny_lam_is_finite_and_picks_reward_maximisers() -> None:
+    target = tabular_toy().with_lam(1e-3)
+    out = tiltsample.sample("best-of-n", target, 200, seed=0, num_candidates=8)
+    assert out.rewards is not None
+    assert not bool(torch.isnan(out.log_weights).any())
+    assert out.log_evidence is not None and math.isfinite(out.log_evidence)
+    # a draw has reward 0 only when all 8 candidates had reward 0
+    imp = tiltsample.sample("importance", target, 2000, seed=1)
+    p0 = float((imp.rewards == 0).double().mean())  # type: ignore[union-attr]
+    zeros = int((out.rewards == 0).sum())
+    assert zeros <= 200 * p0**8 + 4 * math.sqrt(200 * p0**8) + 1
+
+
+def test_failed_draws_are_marked_not_hidden() -> None:
+    policy = random_tabular(torch.Generator().manual_seed(0), 3, 2)
+    never = ConstraintReward(lambda x: False)
+    target = tiltsample.TiltedTarget(policy, ContainsTokenReward(1, 0), 1.0, (), 2).tilt(never)
+    out = tiltsample.sample("best-of-n", target, 3, seed=0, num_candidates=2)
+    assert out.meta["failed"] == 3
+    assert bool(torch.isneginf(out.log_weights).all())
+    assert out.log_evidence == -math.inf
+
+
+def test_exact_sampler_matches_the_exact_law_statistically() -> None:
+    target = tabular_toy()
+    e = enumerate_target(target)
+    probs = torch.softmax(e.log_density, 0)
+    n = 20000
+    out = tiltsample.sample("exact", target, n, seed=0)
+    assert out.log_evidence == pytest.approx(float(torch.logsumexp(e.log_density, 0)))
+    # the mean reward is within 4 standard errors of the exact mean
+    rewards = target.evaluate_tilt(e.support).reward
+    assert rewards is not None
+    mean = float((probs * rewards).sum())
+    sd = math.sqrt(mean * (1 - mean) / n)
+    got = float(target.evaluate_tilt(out.sequences).reward.mean())  # type: ignore[union-attr]
+    assert abs(got - mean) < 4 * sd
+
+
+def test_importance_evidence_is_unbiased() -> None:
+    target = tabular_toy()
+    log_z = float(torch.logsumexp(enumerate_target(target).log_density, 0))
+    reps = 300
+    ratios = torch.tensor(
+        [
+            math.exp(tiltsample.sample("importance", target, 16, seed=s).log_evidence - log_z)  # type: ignore[operator]
+            for s in range(reps)
+        ]
+    )
+    se = float(ratios.std()) / math.sqrt(reps)
+    assert abs(float(ratios.mean()) - 1.0) < 4 * se
+
+
+def test_imh_chains_reach_the_target() -> None:
+    target = tabular_toy(vocab_size=3, max_len=4)
+    e = enumerate_target(target)
+    pi = dict(zip(e.support, torch.softmax(e.log_density, 0).tolist(), strict=True))
+    trace = tiltsample.run_chains("imh", target, 8, seed=0, num_steps=600)
+    diag = trace.diagnostics(burn_in=100)
+    assert diag["log_density"]["rhat"] < 1.05
+    assert 0.0 < diag["accepted"]["acceptance_rate"] < 1.0
+    ess = diag["log_density"]["ess"]
+    emp = trace.empirical(burn_in=100)
+    tv = 0.5 * sum(abs(emp.get(x, 0.0) - p) for x, p in pi.items())
+    # noise floor of an i.i.d. sample of size ESS, with a factor 3 of slack
+    floor = sum(math.sqrt(p * (1 - p) / (2 * math.pi * ess)) for p in pi.values())
+    assert tv < 3 * floor
+
+
+def test_imh_kernel_is_exact_on_a_two_state_target() -> None:
+    # pi(x) vs q(x) on two responses: the exact kernel leaves pi invariant; check P(accept)
+    policy = random_tabular(torch.Generator().manual_seed(0), 2, 1)  # responses: (0,), (1,)
+    target = tiltsample.TiltedTarget(policy, ContainsTokenReward(1, 0), 0.5, (), 1)
+    e = enumerate_target(target)
+    q = torch.exp(e.log_reference)
+    pi = torch.softmax(e.log_density, 0)
+    w = pi / q
+    kernel = torch.zeros(2, 2, dtype=torch.float64)
+    for i, j in itertools.product(range(2), range(2)):
+        if i != j:
+            kernel[i, j] = q[j] * min(1.0, float(w[j] / w[i]))
+    kernel += torch.diag(1 - kernel.sum(1))
+    assert torch.allclose(pi @ kernel, pi, atol=1e-15)
+    trace = tiltsample.run_chains("imh", target, 400, seed=0, num_steps=1)
+    start = tiltsample.sample("ancestral", target, 400, seed=0)  # same seed: same initial draws
+    moves = sum(1 for a, b in zip(start.sequences, trace.final(), strict=True) if a != b)
+    p_move = sum(float(q[i] * kernel[i, 1 - i]) for i in range(2))
+    assert abs(moves / 400 - p_move) < 4 * math.sqrt(p_move * (1 - p_move) / 400)

@@ -1,0 +1,66 @@
+"""Exact ground truth on enumerable toys (published as ``tiltsample.theory``).
+
+* :mod:`~tiltsample.theory.enumerate` — the exact tilted target: support, ``log Z``, exact draws.
+* :mod:`~tiltsample.theory.energies` — exact energies ``E[exp(log_tilt) | prefix]`` of every
+  prefix, the exact twist as a prefix potential, and the optimal next-token kernel.
+* :mod:`~tiltsample.theory.distances` — TV, KL, chi-square and the i.i.d. TV noise floor.
+* :mod:`~tiltsample.theory.laws` — exact output laws of ancestral sampling, SIR / soft best-of-N
+  (the 1-D quadrature of ``specs/ets.md`` §9) and argmax best-of-N, with brute-force checks.
+
+Nothing here imports matplotlib or transformers.
+"""
+
+from __future__ import annotations
+
+from tiltsample.theory.distances import (
+    Law,
+    as_law,
+    chi2,
+    expected_tv_iid,
+    expected_tv_iid_bruteforce,
+    kl,
+    tv,
+    tv_noise_floor,
+)
+from tiltsample.theory.energies import (
+    ExactEnergies,
+    ExactPotential,
+    exact_energies,
+    optimal_next_token_logprobs,
+)
+from tiltsample.theory.enumerate import ExactDistribution, exact_distribution
+from tiltsample.theory.laws import (
+    ProposalLaw,
+    ancestral_law,
+    best_of_n_law,
+    best_of_n_law_bruteforce,
+    importance_log_weights,
+    proposal_law,
+    sir_law,
+    sir_law_bruteforce,
+)
+
+__all__ = [
+    "ExactDistribution",
+    "ExactEnergies",
+    "ExactPotential",
+    "Law",
+    "ProposalLaw",
+    "ancestral_law",
+    "as_law",
+    "best_of_n_law",
+    "best_of_n_law_bruteforce",
+    "chi2",
+    "exact_distribution",
+    "exact_energies",
+    "expected_tv_iid",
+    "expected_tv_iid_bruteforce",
+    "importance_log_weights",
+    "kl",
+    "optimal_next_token_logprobs",
+    "proposal_law",
+    "sir_law",
+    "sir_law_bruteforce",
+    "tv",
+    "tv_noise_floor",
+]
