@@ -15,6 +15,21 @@ from tiltsample.targets.rewards import ContainsTokenReward, CountFractionReward
 from tiltsample.targets.tabular import TabularPolicy, random_tabular
 
 
+def _random_tabular_target(
+    reward_class: type[ContainsTokenReward] | type[CountFractionReward],
+    seed: int,
+    vocab_size: int,
+    max_len: int,
+    lam: float,
+    concentration: float,
+    truncation: str,
+) -> TiltedTarget:
+    gen = torch.Generator().manual_seed(validation.non_negative_int("seed", seed))
+    policy = random_tabular(gen, vocab_size, max_len, concentration=concentration)
+    reward = reward_class(1, policy.eos_id)
+    return TiltedTarget(policy, reward, lam, (), max_len, truncation)  # type: ignore[arg-type]
+
+
 def tabular_toy(
     seed: int = 0,
     vocab_size: int = 4,
@@ -24,10 +39,9 @@ def tabular_toy(
     truncation: str = "stop",
 ) -> TiltedTarget:
     """Random tabular policy × binary reward ``1{token 1 occurs}`` at ``lam``."""
-    gen = torch.Generator().manual_seed(validation.non_negative_int("seed", seed))
-    policy = random_tabular(gen, vocab_size, max_len, concentration=concentration)
-    reward = ContainsTokenReward(1, policy.eos_id)
-    return TiltedTarget(policy, reward, lam, (), max_len, truncation)  # type: ignore[arg-type]
+    return _random_tabular_target(
+        ContainsTokenReward, seed, vocab_size, max_len, lam, concentration, truncation
+    )
 
 
 def graded_toy(
@@ -39,10 +53,9 @@ def graded_toy(
     truncation: str = "stop",
 ) -> TiltedTarget:
     """Random tabular policy × graded reward (fraction of content tokens equal to 1)."""
-    gen = torch.Generator().manual_seed(validation.non_negative_int("seed", seed))
-    policy = random_tabular(gen, vocab_size, max_len, concentration=concentration)
-    reward = CountFractionReward(1, policy.eos_id)
-    return TiltedTarget(policy, reward, lam, (), max_len, truncation)  # type: ignore[arg-type]
+    return _random_tabular_target(
+        CountFractionReward, seed, vocab_size, max_len, lam, concentration, truncation
+    )
 
 
 def power_example_policy() -> TabularPolicy:
