@@ -33,8 +33,7 @@ import torch
 from torch import Tensor
 
 from tiltsample import validation
-from tiltsample.decoding import tempered_logprobs
-from tiltsample.enumeration import DEFAULT_MAX_SUPPORT
+from tiltsample.enumeration import DEFAULT_MAX_SUPPORT, decode_tree
 from tiltsample.target import TiltedTarget
 from tiltsample.theory.energies import scatter_logsumexp
 from tiltsample.types import Seq
@@ -91,7 +90,7 @@ def proposal_law(
         q_\tau(x) = \prod_t \mathrm{softmax}\big(\log p_{ref}(\cdot \mid x_{<t}) / \tau\big)[x_t],
 
     with the factor of a forced EOS (last position, ``truncation="condition"``) equal to 1. The
-    tempered rows are computed by the decoder's own :func:`~tiltsample.decoding.tempered_logprobs`.
+    trie walk is :func:`tiltsample.enumeration.decode_tree`, shared with the enumerator.
 
     Parameters
     ----------
@@ -102,53 +101,8 @@ def proposal_law(
     max_support
         Refuse (``ValueError``) to enumerate more responses than this.
     """
-    tau = validation.positive_float("temperature", temperature)
-    policy, prompt, eos = target.policy, target.prompt, target.eos_id
-    cap, condition = target.max_new_tokens, target.truncation == "condition"
-    done: list[Seq] = []
-    done_lp: list[float] = []
-    done_lq: list[float] = []
-    frontier: list[Seq] = [()]
-    f_lp = torch.zeros(1, dtype=torch.float64)
-    f_lq = torch.zeros(1, dtype=torch.float64)
-    for t in range(cap):
-        if not frontier:
-            break
-        nxt: list[Seq] = []
-        n_lp: list[float] = []
-        n_lq: list[float] = []
-        for start in range(0, len(frontier), _BATCH):
-            chunk = frontier[start : start + _BATCH]
-            log_p = policy.next_logprobs(prompt, chunk).to(torch.float64)
-            if condition and t == cap - 1:  # forced EOS: q factor 1, p factor p(EOS | s)
-                rows = torch.arange(len(chunk))
-                toks = torch.full((len(chunk),), eos, dtype=torch.long)
-                step_q = torch.zeros(len(chunk), dtype=torch.float64)
-            else:
-                log_q = tempered_logprobs(log_p, tau)
-                rows, toks = (log_q > -math.inf).nonzero(as_tuple=True)
-                step_q = log_q[rows, toks]
-            tot_p = (f_lp[start : start + _BATCH][rows] + log_p[rows, toks]).tolist()
-            tot_q = (f_lq[start : start + _BATCH][rows] + step_q).tolist()
-            for r, v, lp, lq in zip(rows.tolist(), toks.tolist(), tot_p, tot_q, strict=True):
-                x = (*chunk[r], v)
-                if v == eos or len(x) == cap:
-                    done.append(x)
-                    done_lp.append(lp)
-                    done_lq.append(lq)
-                else:
-                    nxt.append(x)
-                    n_lp.append(lp)
-                    n_lq.append(lq)
-            if len(done) + len(nxt) > max_support:
-                raise ValueError(
-                    f"proposal support exceeds max_support={max_support}; use a smaller toy"
-                )
-        frontier = nxt
-        f_lp = torch.tensor(n_lp, dtype=torch.float64)
-        f_lq = torch.tensor(n_lq, dtype=torch.float64)
-    log_ref = torch.tensor(done_lp, dtype=torch.float64)
-    log_q_all = torch.tensor(done_lq, dtype=torch.float64)
+    tree = decode_tree(target, temperature, max_support, _BATCH)
+    done, log_ref, log_q_all = tree.support, tree.log_reference, tree.log_proposal
     log_tilt = torch.full_like(log_ref, -math.inf)
     ok = (log_ref > -math.inf).nonzero().flatten()
     if len(ok):
