@@ -10,6 +10,7 @@ theory modules load on first use.
 
 from __future__ import annotations
 
+from tiltsample.diffusion import MaskedDiffusionPolicy
 from tiltsample.driver import run_chains, sample
 from tiltsample.policy import DecodeSession, PrefixSession, ReferencePolicy, open_session
 from tiltsample.results import ChainTrace, SampleSet, Selection
@@ -32,6 +33,7 @@ __all__ = [
     "Cost",
     "DecodeSession",
     "LogProbReward",
+    "MaskedDiffusionPolicy",
     "PrefixPotential",
     "PrefixSession",
     "ReferencePolicy",

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from tiltsample import validation
+from tiltsample.diffusion import is_masked_diffusion
 from tiltsample.policy import ReferencePolicy
 from tiltsample.reward import Reward, check_reward_output
 from tiltsample.types import Cost, Seq
@@ -111,7 +112,9 @@ class TiltedTarget:
     Parameters
     ----------
     policy
-        The reference policy ``p_ref`` (any :class:`~tiltsample.policy.ReferencePolicy`).
+        The reference policy ``p_ref``: any :class:`~tiltsample.policy.ReferencePolicy`, or a
+        :class:`~tiltsample.diffusion.MaskedDiffusionPolicy` (then ``max_new_tokens`` must equal
+        its ``length``, and ``log_reference`` needs the policy's own ``sequence_logprob``).
     reward
         The primary reward ``r``; ``None`` gives the untilted reference target.
     lam
@@ -137,11 +140,19 @@ class TiltedTarget:
 
     def __post_init__(self) -> None:
         policy = self.policy
-        for attr in ("vocab_size", "eos_id", "next_logprobs", "sequence_logprob"):
-            if not hasattr(policy, attr):
-                raise TypeError(
-                    f"policy must implement the ReferencePolicy protocol; missing {attr!r}"
+        if is_masked_diffusion(policy):
+            if self.max_new_tokens != policy.length:  # type: ignore[attr-defined]
+                raise ValueError(
+                    f"max_new_tokens must equal the masked-diffusion policy's length "
+                    f"{policy.length}, got {self.max_new_tokens}"  # type: ignore[attr-defined]
                 )
+        else:
+            for attr in ("vocab_size", "eos_id", "next_logprobs", "sequence_logprob"):
+                if not hasattr(policy, attr):
+                    raise TypeError(
+                        "policy must implement the ReferencePolicy protocol (or "
+                        f"MaskedDiffusionPolicy); missing {attr!r}"
+                    )
         vocab = policy.vocab_size
         if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 2:
             raise ValueError(f"policy.vocab_size must be an int >= 2, got {vocab!r}")
