@@ -1,0 +1,1 @@
+"""The synthetic verifiable reasoning task and the tiny trained models (embedded default)."""
