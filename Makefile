@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(PY) -m tiltsample demo
+	$(PY) -m tiltsample verify --profile quick
 
 test: $(STAMP)
 	$(PY) -m pytest -q

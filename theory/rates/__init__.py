@@ -1,0 +1,96 @@
+"""Rate experiments: each theorem's bound vs the measured error on exact targets.
+
+:func:`run_verify` runs every registered experiment for a profile (``"quick"``: CI, under two
+minutes; ``"full"``: the committed report), caches finished cells in ``<out>/cells.jsonl`` (a rerun
+resumes), writes one PNG per experiment and ``<out>/report.md`` (result | bound | measured | rate |
+verdict).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from tiltsample.theory.rates.core import CellCache, ExperimentResult, SlopeFit, fit_loglog_slope
+from tiltsample.theory.rates.experiments import (
+    best_of_n_limit,
+    imh_geometric,
+    self_consistency,
+    sir_tv_vs_m,
+)
+
+Experiment = Callable[[str, CellCache, Path], ExperimentResult]
+
+EXPERIMENTS: dict[str, Experiment] = {
+    "a1": sir_tv_vs_m,
+    "e": best_of_n_limit,
+    "j": self_consistency,
+    "imh": imh_geometric,
+}
+
+__all__ = [
+    "EXPERIMENTS",
+    "CellCache",
+    "ExperimentResult",
+    "SlopeFit",
+    "fit_loglog_slope",
+    "render_report",
+    "run_verify",
+]
+
+
+def render_report(results: list[ExperimentResult], profile: str) -> str:
+    """The Markdown report: one table row per experiment, then each experiment's rows."""
+    lines = [
+        f"# Verification report ({profile} profile)",
+        "",
+        "| | result | bound (as published) | measured | fitted rate (95% CI) | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        cells = [r.key, r.result, r.bound, r.measured, r.rate, r.verdict]
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+    for r in results:
+        lines += ["", f"## ({r.key}) {r.title}", ""]
+        if r.figure:
+            lines += [f"![{r.key}]({Path(r.figure).name})", ""]
+        if r.rows:
+            keys = list(dict.fromkeys(k for row in r.rows for k in row))
+            lines.append("| " + " | ".join(keys) + " |")
+            lines.append("|" + "---|" * len(keys))
+            for row in r.rows:
+                vals = [row.get(k, "") for k in keys]
+                lines.append(
+                    "| "
+                    + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in vals)
+                    + " |"
+                )
+    return "\n".join(lines) + "\n"
+
+
+def run_verify(
+    profile: str = "quick",
+    out_dir: str | Path = "results/verify",
+    only: list[str] | None = None,
+    progress: bool | None = None,
+) -> list[ExperimentResult]:
+    """Run the experiments, write figures, ``cells.jsonl`` and ``report.md``; return the results."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    from tiltsample import validation
+
+    validation.one_of("profile", profile, ("quick", "full"))
+    keys = list(EXPERIMENTS) if only is None else only
+    for k in keys:
+        validation.one_of("experiment", k, EXPERIMENTS)
+    out = Path(out_dir) / profile
+    out.mkdir(parents=True, exist_ok=True)
+    cache = CellCache(out / "cells.jsonl")
+    show = sys.stderr.isatty() if progress is None else progress
+    results = []
+    for key in tqdm(keys, desc="verify", disable=not show):
+        results.append(EXPERIMENTS[key](profile, cache, out))
+    (out / "report.md").write_text(render_report(results, profile))
+    return results

@@ -1,0 +1,159 @@
+r"""Machinery of the rate experiments: cached cells, slope fits, results and figures.
+
+An experiment sweeps one parameter; each *cell* (experiment, parameters, seed) is a pure function of
+its arguments, so cells can run in any order or in a process pool, and a finished cell is cached in
+``cells.jsonl`` (appended and flushed one line at a time; a torn last line is ignored), so
+re-running ``tiltsample verify`` resumes without recomputing or duplicating anything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class CellCache:
+    """A JSONL cache ``{"cell": key, "value": ...}`` of finished cells."""
+
+    def __init__(self, path: str | os.PathLike[str] | None) -> None:
+        self.path = None if path is None else Path(path)
+        self._values: dict[str, Any] = {}
+        if self.path is not None and self.path.exists():
+            good: list[str] = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    item = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # torn line of an interrupted run
+                self._values[item["cell"]] = item["value"]
+                good.append(line)
+            # rewrite without torn lines so later appends start on a fresh line
+            self.path.write_text("".join(line + "\n" for line in good))
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def get_or_run(self, key: str, run: Callable[[], Any]) -> Any:
+        """The cached value of ``key``, computing and appending it if missing."""
+        if key in self._values:
+            return self._values[key]
+        value = run()
+        self._values[key] = value
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as f:
+                f.write(json.dumps({"cell": key, "value": value}) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        return value
+
+
+def cell_key(experiment: str, **params: Any) -> str:
+    """A canonical key for a cell."""
+    return experiment + ":" + json.dumps(params, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class SlopeFit:
+    """A least-squares log-log slope with a percentile-bootstrap 95% interval."""
+
+    slope: float
+    intercept: float
+    low: float
+    high: float
+
+    def contains(self, value: float) -> bool:
+        return self.low <= value <= self.high
+
+    def __str__(self) -> str:
+        return f"{self.slope:.3f} [{self.low:.3f}, {self.high:.3f}]"
+
+
+def fit_loglog_slope(
+    x: Sequence[float], y: Sequence[float], seed: int = 0, resamples: int = 2000
+) -> SlopeFit:
+    """Slope of ``log y`` on ``log x`` with a paired percentile bootstrap (``scipy.stats``).
+
+    Needs at least three points with ``x, y > 0``.
+    """
+    from scipy import stats
+
+    lx = np.log(np.asarray(x, dtype=float))
+    ly = np.log(np.asarray(y, dtype=float))
+    if len(lx) < 3 or not (np.all(np.isfinite(lx)) and np.all(np.isfinite(ly))):
+        raise ValueError("a slope fit needs >= 3 points with positive x and y")
+    fit = stats.linregress(lx, ly)
+
+    def slope(a: np.ndarray, b: np.ndarray) -> float:
+        if np.ptp(a) == 0:
+            return float(fit.slope)
+        return float(np.polyfit(a, b, 1)[0])
+
+    boot = stats.bootstrap(
+        (lx, ly),
+        slope,
+        paired=True,
+        vectorized=False,
+        n_resamples=resamples,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    )
+    ci = boot.confidence_interval
+    return SlopeFit(float(fit.slope), float(fit.intercept), float(ci.low), float(ci.high))
+
+
+@dataclass
+class ExperimentResult:
+    """What one experiment measured and concluded."""
+
+    key: str
+    title: str
+    result: str
+    """The result under test, with its source."""
+    bound: str
+    """The bound as published (and the corrected/sharper form where there is one)."""
+    measured: str
+    rate: str
+    verdict: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    figure: str | None = None
+    holds: bool | None = None
+    """Whether every measured value respected the bound where its assumptions hold."""
+    fit: SlopeFit | None = None
+
+
+def save_figure(fig: Any, path: Path) -> str:
+    """Write a matplotlib figure and close it."""
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def new_figure(title: str, xlabel: str, ylabel: str) -> tuple[Any, Any]:
+    """A log-log matplotlib figure (Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    return fig, ax
+
+
+def finite_or_inf(value: float) -> float | str:
+    """JSON-friendly float (inf as a string)."""
+    return value if math.isfinite(value) else str(value)
