@@ -176,7 +176,7 @@ class PrefixSession:
         out[:, self._eos] = 0.0
         live = (~self._done).nonzero().flatten().tolist()
         if live:
-            prefixes = [tuple(self._tokens[i].tolist()) for i in live]
+            prefixes = [tuple(row) for row in self._tokens[live].tolist()]
             lp = self._policy.next_logprobs(self._prompt, prefixes)
             if tuple(lp.shape) != (len(live), self._vocab):
                 raise ValueError(
