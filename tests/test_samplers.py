@@ -26,6 +26,7 @@ PARAMS: dict[str, dict[str, object]] = {
     "beam": {"num_beams": 3},
     "importance": {"temperature": 1.3},
     "imh": {"num_steps": 4},
+    "ets": {"num_candidates": 3, "num_rollouts": 2, "block_size": 1},
 }
 
 

@@ -29,6 +29,15 @@ from tiltsample.theory.energies import (
     optimal_next_token_logprobs,
 )
 from tiltsample.theory.enumerate import ExactDistribution, exact_distribution
+from tiltsample.theory.ets_laws import (
+    ETSLaw,
+    StepLaw,
+    ets_law,
+    ets_law_sweep,
+    ets_step_law,
+    rao_blackwell_law,
+    tilted_law,
+)
 from tiltsample.theory.laws import (
     ProposalLaw,
     ancestral_law,
@@ -41,16 +50,21 @@ from tiltsample.theory.laws import (
 )
 
 __all__ = [
+    "ETSLaw",
     "ExactDistribution",
     "ExactEnergies",
     "ExactPotential",
     "Law",
     "ProposalLaw",
+    "StepLaw",
     "ancestral_law",
     "as_law",
     "best_of_n_law",
     "best_of_n_law_bruteforce",
     "chi2",
+    "ets_law",
+    "ets_law_sweep",
+    "ets_step_law",
     "exact_distribution",
     "exact_energies",
     "expected_tv_iid",
@@ -59,8 +73,10 @@ __all__ = [
     "kl",
     "optimal_next_token_logprobs",
     "proposal_law",
+    "rao_blackwell_law",
     "sir_law",
     "sir_law_bruteforce",
+    "tilted_law",
     "tv",
     "tv_noise_floor",
 ]

@@ -110,6 +110,12 @@ register_sampler(
     "independence Metropolis–Hastings with whole-sequence proposals from p_ref",
     kind="markov",
 )
+register_sampler(
+    "ets",
+    f"{_S}.ets:sampler",
+    "ETS: energy-guided SIR per block with K-rollout energies (ETS-IS via proposal=); "
+    "autoregressive and masked diffusion",
+)
 
 _T = "tiltsample.targets.toys"
 register_target(
@@ -131,4 +137,9 @@ register_target(
     "decision-trace",
     f"{_T}:decision_trace_toy",
     "stylized reasoning trace: few decisions among filler, power target alpha=4",
+)
+register_target(
+    "masked-diffusion",
+    "tiltsample.targets.masked_diffusion:masked_diffusion_toy",
+    "masked-diffusion toy: random joint over V^L (V=3, L=4), exact conditionals, unmasking order",
 )
