@@ -27,6 +27,10 @@ PARAMS: dict[str, dict[str, object]] = {
     "importance": {"temperature": 1.3},
     "imh": {"num_steps": 4},
     "ets": {"num_candidates": 3, "num_rollouts": 2, "block_size": 1},
+    "smc": {"num_moves": 1, "block_size": 2},
+    "csmc": {},
+    "particle-gibbs": {"num_steps": 3, "num_particles": 4},
+    "power-smc": {"alpha_ramp": 2},
 }
 
 

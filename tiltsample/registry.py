@@ -143,3 +143,26 @@ register_target(
     "tiltsample.targets.masked_diffusion:masked_diffusion_toy",
     "masked-diffusion toy: random joint over V^L (V=3, L=4), exact conditionals, unmasking order",
 )
+register_sampler(
+    "smc",
+    f"{_S}.smc:sampler",
+    "SMC: token/block steps, prefix/lookahead/learned twists, tempered or optimal proposal, "
+    "adaptive resampling, resample-move, log_evidence",
+)
+register_sampler(
+    "csmc",
+    f"{_S}.csmc:sampler",
+    "conditional SMC given reference paths (default: exact draws on toys); "
+    "E[log Z_CSMC] >= log Z",
+)
+register_sampler(
+    "particle-gibbs",
+    f"{_S}.csmc:particle_gibbs_sampler",
+    "particle Gibbs: the CSMC kernel iterated (Markov)",
+    kind="markov",
+)
+register_sampler(
+    "power-smc",
+    f"{_S}.power_smc:sampler",
+    "Power-SMC for p_ref^alpha: tau=1/alpha proposal, prefix-only weights, optional alpha ramp",
+)
