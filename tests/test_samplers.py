@@ -31,6 +31,10 @@ PARAMS: dict[str, dict[str, object]] = {
     "csmc": {},
     "particle-gibbs": {"num_steps": 3, "num_particles": 4},
     "power-smc": {"alpha_ramp": 2},
+    "mh": {"num_steps": 4, "proposal_temperature": 0.7},
+    "power": {"alpha": 2.0, "num_steps": 4},
+    "entropy-cut": {"alpha": 2.0, "num_steps": 4, "cut_power": 2.0},
+    "qalign": {"num_steps": 4},
 }
 
 

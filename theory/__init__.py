@@ -48,6 +48,17 @@ from tiltsample.theory.laws import (
     sir_law,
     sir_law_bruteforce,
 )
+from tiltsample.theory.mh_kernels import (
+    decision_trace_mixing_time,
+    detailed_balance_error,
+    law_after,
+    mh_kernel,
+    mixing_time,
+    spectral_gap,
+    stage_schedule_law,
+    stationarity_error,
+    tv_curve,
+)
 
 __all__ = [
     "ETSLaw",
@@ -62,6 +73,8 @@ __all__ = [
     "best_of_n_law",
     "best_of_n_law_bruteforce",
     "chi2",
+    "decision_trace_mixing_time",
+    "detailed_balance_error",
     "ets_law",
     "ets_law_sweep",
     "ets_step_law",
@@ -71,12 +84,19 @@ __all__ = [
     "expected_tv_iid_bruteforce",
     "importance_log_weights",
     "kl",
+    "law_after",
+    "mh_kernel",
+    "mixing_time",
     "optimal_next_token_logprobs",
     "proposal_law",
     "rao_blackwell_law",
     "sir_law",
     "sir_law_bruteforce",
+    "spectral_gap",
+    "stage_schedule_law",
+    "stationarity_error",
     "tilted_law",
     "tv",
+    "tv_curve",
     "tv_noise_floor",
 ]

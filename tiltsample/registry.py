@@ -166,3 +166,29 @@ register_sampler(
     f"{_S}.power_smc:sampler",
     "Power-SMC for p_ref^alpha: tau=1/alpha proposal, prefix-only weights, optional alpha ramp",
 )
+register_sampler(
+    "mh",
+    f"{_S}.mh:sampler",
+    "suffix-resampling Metropolis–Hastings, uniform or entropy-jump cuts, exact for variable "
+    "lengths",
+    kind="markov",
+)
+register_sampler(
+    "power",
+    f"{_S}.mh_power:sampler",
+    "power sampling (Karan & Du): MH on p^alpha, uniform cut, proposal at 1/alpha; "
+    "block_size= for the stage schedule",
+    kind="markov",
+)
+register_sampler(
+    "entropy-cut",
+    f"{_S}.mh_entropy_cut:sampler",
+    "entropy-cut MH (Zhou, Mehrotra & Liu): power sampling with cuts at entropy jumps",
+    kind="markov",
+)
+register_sampler(
+    "qalign",
+    f"{_S}.mh_qalign:sampler",
+    "QAlign: uniform-cut suffix MH with p_ref proposals on a reward-tilted target",
+    kind="markov",
+)
