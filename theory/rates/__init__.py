@@ -18,12 +18,30 @@ from tiltsample.theory.rates.experiments import (
     self_consistency,
     sir_tv_vs_m,
 )
+from tiltsample.theory.rates.experiments_ets import (
+    ets_cost,
+    ets_is,
+    ets_reference_deviations,
+    ets_tv_vs_i,
+    ets_tv_vs_k,
+    ets_tv_vs_m_exact,
+)
+from tiltsample.theory.rates.experiments_mh import mh_decision_trace
+from tiltsample.theory.rates.experiments_smc import smc_evidence
 
 Experiment = Callable[[str, CellCache, Path], ExperimentResult]
 
 EXPERIMENTS: dict[str, Experiment] = {
     "a1": sir_tv_vs_m,
+    "a": ets_tv_vs_m_exact,
+    "b": ets_tv_vs_k,
+    "c": ets_tv_vs_i,
+    "d": ets_is,
     "e": best_of_n_limit,
+    "f": ets_reference_deviations,
+    "g": ets_cost,
+    "h": smc_evidence,
+    "i": mh_decision_trace,
     "j": self_consistency,
     "imh": imh_geometric,
 }
