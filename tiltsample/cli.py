@@ -1,4 +1,5 @@
-"""The ``tiltsample`` command line: ``list``, ``sample`` and ``demo``.
+"""The ``tiltsample`` command line: ``list``, ``sample``, ``verify``, ``demo``, ``train-tiny``,
+``compare``.
 
 The CLI is the front door: the one module that may reach every layer (lazily, inside its
 commands); nothing imports it.
@@ -134,9 +135,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
     only = args.only.split(",") if args.only else None
     results = run_verify(args.profile, args.out, only=only, progress=not args.no_progress)
-    rows = [
-        {"": r.key, "measured": r.measured, "rate": r.rate, "holds": r.holds} for r in results
-    ]
+    rows = [{"": r.key, "measured": r.measured, "rate": r.rate, "holds": r.holds} for r in results]
     print(format_table(rows, ["", "measured", "rate", "holds"]))
     print(f"report: {args.out}/{args.profile}/report.md")
     return 0 if all(r.holds is not False for r in results) else 1
@@ -146,6 +145,58 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from tiltsample.demo import run_demo
 
     run_demo(out_dir=args.out, num_samples=args.num_samples, seed=args.seed)
+    return 0
+
+
+def _cmd_train_tiny(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from tiltsample.targets.tasks import held_out_problems
+    from tiltsample.targets.tasks.train import evaluate, main_train
+
+    out = Path(args.out or f"results/models/{args.model}")
+    result = main_train(
+        args.model,
+        out,
+        steps=args.steps,
+        seed=args.seed,
+        eval_every=args.eval_every,
+        progress=not args.no_progress,
+        threads=args.threads,
+    )
+    print(f"trained {args.model} in {result.seconds:.0f} s; saved to {out}")
+    if args.evaluate:
+        config = result.config
+        problems = held_out_problems(args.evaluate, seed=0, task=config.task)
+        scores = evaluate(result.model, config, problems, num_samples=8, seed=1)
+        print(json.dumps(scores))
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from tiltsample.compare import run_compare
+
+    def ints(text: str | None) -> list[int] | None:
+        return None if text is None else [int(v) for v in text.split(",") if v]
+
+    result = run_compare(
+        profile=args.profile,
+        out_dir=args.out,
+        model=args.model,
+        samplers=args.samplers.split(",") if args.samplers else None,
+        num_problems=args.problems,
+        budgets=ints(args.budgets),
+        repeats=args.repeats,
+        lam=args.lam,
+        seed=args.seed,
+        progress=False if args.no_progress else None,
+        threads=args.threads,
+    )
+    print(result.table)
+    for label, why in result.skipped.items():
+        print(f"  {label}: not run ({why})")
+    print(f"wrote {result.out_dir}/compare.jsonl, compare.md, compare.png")
     return 0
 
 
@@ -208,6 +259,54 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo.add_argument("--num-samples", "-n", type=int, default=4000)
     p_demo.add_argument("--seed", type=int, default=0)
     p_demo.set_defaults(func=_cmd_demo)
+
+    p_train = sub.add_parser(
+        "train-tiny",
+        help="train a tiny task model deterministically (the shipped checkpoints' recipe)",
+        description="Train a preset of tiltsample.targets.tasks.train (arith-ar, arith-dlm, or "
+        "the test-sized tiny-ar / tiny-dlm). Same seed, same weights. To reproduce a shipped "
+        "checkpoint: tiltsample train-tiny --model arith-ar --out targets/tasks/models/arith-ar",
+    )
+    p_train.add_argument(
+        "--model", default="arith-ar", choices=["arith-ar", "arith-dlm", "tiny-ar", "tiny-dlm"]
+    )
+    p_train.add_argument("--out", help="output folder (default: results/models/<model>)")
+    p_train.add_argument("--steps", type=int, default=None, help="override the preset's steps")
+    p_train.add_argument("--seed", type=int, default=None, help="override the preset's seed")
+    p_train.add_argument(
+        "--eval-every", type=int, default=0, help="evaluate on held-out problems every N steps"
+    )
+    p_train.add_argument(
+        "--evaluate", type=int, default=0, metavar="N", help="evaluate on N problems at the end"
+    )
+    p_train.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (weights are bit-identical only for the same count; default 1)",
+    )
+    p_train.add_argument("--no-progress", action="store_true")
+    p_train.set_defaults(func=_cmd_train_tiny)
+
+    p_cmp = sub.add_parser(
+        "compare",
+        help="samplers × budgets on held-out task problems with the embedded model",
+        description="Run every registered sampler recipe at matched generated-token budgets on "
+        "held-out problems of the arithmetic task; write JSONL (resumable), a Markdown table and "
+        "an accuracy-vs-tokens figure. Re-running the same command resumes.",
+    )
+    p_cmp.add_argument("--profile", choices=["test", "demo", "full"], default="demo")
+    p_cmp.add_argument("--out", default="results/compare", help="output folder")
+    p_cmp.add_argument("--model", help="causal-LM folder (default: the shipped arith-ar)")
+    p_cmp.add_argument("--samplers", help="comma-separated recipe labels (default: all)")
+    p_cmp.add_argument("--problems", type=int, help="number of held-out problems")
+    p_cmp.add_argument("--budgets", help="comma-separated budgets in responses, e.g. 1,4,16")
+    p_cmp.add_argument("--repeats", type=int, help="runs per problem")
+    p_cmp.add_argument("--lam", type=float, default=0.1, help="KL coefficient of the verifier")
+    p_cmp.add_argument("--seed", type=int, default=0)
+    p_cmp.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p_cmp.add_argument("--no-progress", action="store_true")
+    p_cmp.set_defaults(func=_cmd_compare)
     return parser
 
 

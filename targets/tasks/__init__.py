@@ -1,1 +1,188 @@
-"""The synthetic verifiable reasoning task and the tiny trained models (embedded default)."""
+r"""The synthetic verifiable reasoning task and the tiny trained models (the embedded default).
+
+Task (:mod:`.arithmetic`)
+    Chained addition/subtraction with every intermediate result written out (23–45 response
+    tokens), a deterministic generator with train/test splits, an answer extractor and the
+    exact-match verifier (:func:`verifier`).
+Models (``models/<name>/``, shipped with the package, loaded offline with ``from_pretrained``)
+    ``arith-ar``: a ~0.85M-parameter Qwen2 causal LM (:func:`load_policy`);
+    ``arith-dlm``: the same backbone with bidirectional attention as a masked-diffusion LM
+    (:func:`load_diffusion_policy`). Both were trained by :mod:`.train` (``tiltsample train-tiny``)
+    and stopped early on purpose: mediocre at temperature 1, much better at pass@8.
+Targets
+    :func:`problem_target` — ``pi(x | y) ∝ p_ref(x | y) exp(r(y, x)/lam)`` for one problem with the
+    verifier as ``r``.
+
+Example
+-------
+>>> from tiltsample.targets import tasks
+>>> policy = tasks.load_policy()                                     # doctest: +SKIP
+>>> problem = tasks.held_out_problems(1)[0]                              # doctest: +SKIP
+>>> target = tasks.problem_target(problem, policy, lam=0.1)          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+from tiltsample import validation
+from tiltsample.target import TiltedTarget, Truncation
+from tiltsample.types import Seq
+
+from .arithmetic import (
+    ArithmeticTask,
+    Problem,
+    answer_of_prompt,
+    answer_text_of_response,
+    decode,
+    encode,
+    extract_answer,
+    extract_answer_ids,
+    generate_problems,
+    reference_answer_text,
+    split_of,
+)
+from .tokenizer import BOS_ID, CHARS, EOS_ID, MASK_ID, PAD_ID, SPECIALS, VOCAB, build_tokenizer
+
+__all__ = [
+    "BOS_ID",
+    "CHARS",
+    "DEFAULT_AR",
+    "DEFAULT_DLM",
+    "DEFAULT_TASK",
+    "EOS_ID",
+    "MASK_ID",
+    "MODEL_DIR",
+    "PAD_ID",
+    "SPECIALS",
+    "VOCAB",
+    "ArithmeticTask",
+    "Problem",
+    "answer_of_prompt",
+    "answer_text_of_response",
+    "build_tokenizer",
+    "decode",
+    "encode",
+    "extract_answer",
+    "extract_answer_ids",
+    "generate_problems",
+    "held_out_problems",
+    "load_diffusion_policy",
+    "load_policy",
+    "model_path",
+    "problem_target",
+    "reference_answer_text",
+    "self_consistency",
+    "split_of",
+    "verifier",
+]
+
+MODEL_DIR = Path(__file__).resolve().parent / "models"
+"""Folder of the shipped checkpoints (package data)."""
+DEFAULT_AR = "arith-ar"
+DEFAULT_DLM = "arith-dlm"
+DEFAULT_TASK = ArithmeticTask()
+MAX_NEW_TOKENS = 48
+"""Default response cap of task targets (the longest default response has 45 tokens; the bound
+``ArithmeticTask.max_response_tokens`` is 46)."""
+
+
+def model_path(name: str) -> Path:
+    """The folder of a shipped model (``ValueError`` naming the available ones otherwise)."""
+    available = (
+        sorted(p.name for p in MODEL_DIR.iterdir() if p.is_dir()) if MODEL_DIR.is_dir() else []
+    )
+    validation.one_of("name", name, available)
+    return MODEL_DIR / name
+
+
+@functools.lru_cache(maxsize=4)
+def _load_ar(path: str) -> Any:
+    from tiltsample.targets.hf import HFPolicy
+
+    return HFPolicy.from_pretrained(path)
+
+
+def load_policy(name: str = DEFAULT_AR) -> Any:
+    """The shipped causal LM ``name`` as an :class:`~tiltsample.targets.hf.HFPolicy` (offline).
+
+    Cached per process: policies are read-only, so sharing one is safe.
+    """
+    return _load_ar(str(model_path(name)))
+
+
+def load_diffusion_policy(name: str = DEFAULT_DLM, **options: Any) -> Any:
+    """The shipped masked-diffusion LM as a :class:`~tiltsample.targets.hf.HFMaskedDiffusionPolicy`.
+
+    ``options`` override the saved sampler defaults (``length``, ``num_steps``, ``unmasking``,
+    ``temperature``).
+    """
+    from tiltsample.targets.hf import HFMaskedDiffusionPolicy
+
+    return HFMaskedDiffusionPolicy.from_pretrained(model_path(name), **options)
+
+
+def held_out_problems(n: int, seed: int = 0, task: ArithmeticTask = DEFAULT_TASK) -> list[Problem]:
+    """The first ``n`` test problems of ``task`` for ``seed`` (a fixed, reproducible list)."""
+    return generate_problems(task, "test", n, seed=seed)
+
+
+def verifier(*, wrong: float = 0.0) -> Any:
+    """The exact-match verifier reward: ``1`` iff the final answer (``"# <n>"`` followed by EOS)
+    equals the value of the prompt's expression."""
+    from tiltsample.targets.rewards import ExactMatchReward
+
+    return ExactMatchReward(answer_text_of_response, reference_answer_text, wrong=wrong)
+
+
+def self_consistency(cache: tuple[str | None, ...] = (), **options: Any) -> Any:
+    """The self-consistency (majority-vote) pseudo-reward with this task's answer extractor."""
+    from tiltsample.targets.rewards import SelfConsistencyReward
+
+    return SelfConsistencyReward(answer_text_of_response, cache, **options)
+
+
+def problem_target(
+    problem: Problem | str | Seq,
+    policy: Any = None,
+    *,
+    lam: float = 0.1,
+    reward: Any = "verifier",
+    max_new_tokens: int | None = None,
+    truncation: Truncation = "stop",
+) -> TiltedTarget:
+    """The tilted target of one problem: ``p_ref(x | prompt) · exp(r(prompt, x)/lam)``.
+
+    Parameters
+    ----------
+    problem
+        A :class:`Problem`, a prompt text (``"57+8-3+9\\n"``) or prompt ids.
+    policy
+        The reference policy (default: the shipped ``arith-ar`` model). A masked-diffusion policy
+        forces ``max_new_tokens`` to its ``length``.
+    lam
+        KL coefficient of the reward.
+    reward
+        ``"verifier"`` (default), ``None`` (the untilted reference target) or any Reward.
+    max_new_tokens
+        Response cap (default 48, or the diffusion policy's length).
+    """
+    if policy is None:
+        policy = load_policy()
+    if isinstance(problem, Problem):
+        prompt = problem.prompt_ids()
+        meta: dict[str, Any] = {"prompt_text": problem.prompt, "answer": problem.answer}
+    elif isinstance(problem, str):
+        prompt = encode(problem)
+        meta = {"prompt_text": problem, "answer": answer_of_prompt(problem)}
+    else:
+        prompt = tuple(int(t) for t in problem)
+        meta = {"prompt_text": decode(prompt), "answer": answer_of_prompt(prompt)}
+    if reward == "verifier":
+        reward = verifier()
+    if max_new_tokens is None:
+        max_new_tokens = int(getattr(policy, "length", MAX_NEW_TOKENS))
+    meta["task"] = "arithmetic"
+    return TiltedTarget(policy, reward, lam, prompt, max_new_tokens, truncation, meta=meta)

@@ -1,0 +1,894 @@
+r"""Real language models: ``transformers`` causal and masked-diffusion LMs as reference policies.
+
+:class:`HFPolicy`
+    Any ``transformers`` causal LM (a local folder, or a hub name when online) as a
+    :class:`~tiltsample.policy.ReferencePolicy`. Its :class:`HFSession` is a batched
+    :class:`~tiltsample.policy.DecodeSession` over a ``DynamicCache``:
+
+    * the prompt is encoded **once** (batch 1) and the cache is expanded to the batch with
+      ``batch_repeat_interleave``;
+    * ``extend`` only records tokens; the next ``logprobs`` pushes all pending tokens through the
+      model in one call (``[B, k]``), asking for the last position's logits only;
+    * ``truncate(n)`` crops the cache (``crop(-n)``) and re-feeds one token per row;
+    * ``select(indices)`` gathers cache rows (``batch_select_indices``; repeats allowed — this is
+      resampling and expansion, without re-encoding anything);
+    * ``fork()`` copies the cache *by reference*: ``DynamicLayer`` updates rebind their tensors
+      (``torch.cat``, slicing, indexing) and never write in place, so two forks share the common
+      prefix's memory until one of them changes it (copy-on-write). Cache layers of other types are
+      deep-copied.
+
+    Sampling never goes through ``generate(do_sample=True)`` (which silently applies top-k = 50 to
+    a model built from a config, and draws from torch's global RNG): every decode loop of the
+    library samples with the caller's ``torch.Generator`` from the full-vocabulary law, and
+    :meth:`HFPolicy.generate` applies top-k / top-p only when asked, reporting the log-probability
+    of the law it actually sampled.
+
+:class:`HFMaskedDiffusionPolicy`
+    A bidirectional mask predictor (LLaDA-style interface: one forward pass predicts every masked
+    position) as a :class:`~tiltsample.diffusion.MaskedDiffusionPolicy`, with a fixed response
+    length, a number of denoising steps and an unmasking rule (see its docstring).
+
+Numerics: logits are cast to float64 before ``log_softmax``, so every returned row is normalised to
+float64 precision; a float32 model agrees with its own full recompute to about ``1e-5``.
+
+``transformers`` is imported lazily (inside functions), so importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from tiltsample import validation
+from tiltsample.decoding import sample_categorical, seqs_to_rows, tempered_logprobs
+from tiltsample.types import Cost, Seq
+
+__all__ = [
+    "UNMASKING_RULES",
+    "Generated",
+    "HFMaskedDiffusionPolicy",
+    "HFPolicy",
+    "HFSession",
+    "filtered_logprobs",
+    "load_tokenizer",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# tokenizer loading
+# --------------------------------------------------------------------------------------------
+def load_tokenizer(path: str | os.PathLike[str], **kwargs: Any) -> Any:
+    """Load the tokenizer of a model folder or hub name.
+
+    A folder with a ``tokenizer.json`` is loaded with ``PreTrainedTokenizerFast`` — the exact
+    tokenizer the file describes. ``AutoTokenizer`` would pick the tokenizer *class* of the model's
+    config instead: in a folder holding a Qwen2 ``config.json`` it returns a Qwen2 tokenizer that
+    silently drops the spaces and newlines of a custom character vocabulary (digit-only strings
+    still round-trip, so a naive check passes). Anything else goes through ``AutoTokenizer``.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    folder = Path(path)
+    if (folder / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(str(folder), **kwargs)
+    return AutoTokenizer.from_pretrained(str(path), **kwargs)
+
+
+def _special_id(tokenizer: Any, config: Any, name: str) -> int | None:
+    """``<name>_token_id`` from the tokenizer, else from the model config (first id of a list)."""
+    for source in (tokenizer, getattr(config, "get_text_config", lambda: config)(), config):
+        if source is None:
+            continue
+        value = getattr(source, f"{name}_token_id", None)
+        if isinstance(value, list | tuple):
+            value = value[0] if value else None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def _forward_accepts(model: Any, name: str) -> bool:
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - exotic wrappers
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# top-k / top-p
+# --------------------------------------------------------------------------------------------
+def filtered_logprobs(
+    log_p: Tensor, *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
+) -> Tensor:
+    r"""The law a tempered, truncated sampler actually draws from, as normalised log-probs.
+
+    ``q(v) ∝ exp(log p(v) / tau)`` restricted to the ``top_k`` most likely tokens and then to the
+    smallest set whose mass reaches ``top_p`` (nucleus), renormalised. Ties at the top-k boundary
+    are broken by token id (``torch.topk`` order is not used), so the law is a deterministic
+    function of ``log_p``. With ``top_k=None`` and ``top_p=None`` (the default) nothing is
+    truncated: this is what every sampler of the library uses.
+    """
+    log_q = tempered_logprobs(log_p.to(torch.float64), temperature)
+    vocab = log_q.shape[-1]
+    if top_k is not None and top_k < vocab:
+        # stable descending sort: equal values keep ascending token-id order
+        order = torch.sort(log_q, dim=-1, descending=True, stable=True).indices
+        drop = order[..., top_k:]
+        log_q = log_q.scatter(-1, drop, -math.inf)
+        log_q = torch.log_softmax(log_q, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_lq, order = torch.sort(log_q, dim=-1, descending=True, stable=True)
+        mass_before = torch.cumsum(sorted_lq.exp(), dim=-1) - sorted_lq.exp()
+        drop_sorted = mass_before >= top_p  # keep a token while the mass *before* it is < top_p
+        drop_sorted[..., 0] = False
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        log_q = torch.log_softmax(log_q.masked_fill(drop, -math.inf), dim=-1)
+    return log_q
+
+
+class Generated(NamedTuple):
+    """Output of :meth:`HFPolicy.generate`."""
+
+    sequences: list[Seq]
+    """Responses (EOS included when they ended with EOS)."""
+    log_p: Tensor
+    """``[n]``: ``log p_ref(x)`` at temperature 1."""
+    log_q: Tensor
+    """``[n]``: log-probability under the law actually sampled (temperature, top-k, top-p)."""
+    cost: Cost
+
+
+# --------------------------------------------------------------------------------------------
+# the causal-LM policy
+# --------------------------------------------------------------------------------------------
+class HFPolicy:
+    r"""A ``transformers`` causal LM as a reference policy ``p_ref(x_t | y, x_<t)``.
+
+    Parameters
+    ----------
+    model
+        A causal LM (``AutoModelForCausalLM``-like: ``model(input_ids, attention_mask=...,
+        past_key_values=..., use_cache=...)`` returning ``.logits``). It is put in eval mode.
+    tokenizer
+        Optional; used by :meth:`encode` / :meth:`decode` and for the special-token ids.
+    eos_id, bos_id
+        Override the special ids (default: tokenizer, then model config). ``eos_id`` is required;
+        ``bos_id`` is the context used for an empty prompt.
+    max_batch
+        Rows per forward call in the stateless methods (:meth:`next_logprobs`,
+        :meth:`sequence_logprob`); sessions forward their whole batch at once.
+
+    Notes
+    -----
+    Prompts are token ids (:data:`~tiltsample.types.Seq`) exactly as the model sees them: build
+    them with :meth:`encode` (which adds the tokenizer's BOS / chat template) or by hand. An empty
+    prompt means "BOS only". ``vocab_size`` is the width of the model's logits (it may exceed the
+    tokenizer's vocabulary; padding ids then get whatever mass the model gives them).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any = None,
+        *,
+        eos_id: int | None = None,
+        bos_id: int | None = None,
+        max_batch: int = 256,
+    ) -> None:
+        if not callable(model) or not hasattr(model, "config"):
+            raise TypeError(
+                "model must be a transformers causal LM (a module with .config), "
+                f"got {type(model).__name__}"
+            )
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        config = model.config
+        vocab = getattr(getattr(config, "get_text_config", lambda: config)(), "vocab_size", None)
+        out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if out_emb is not None and hasattr(out_emb, "out_features"):
+            vocab = int(out_emb.out_features)
+        if not isinstance(vocab, int) or vocab < 2:
+            raise ValueError(f"could not read a vocab_size >= 2 from the model, got {vocab!r}")
+        self._vocab = vocab
+        eos = eos_id if eos_id is not None else _special_id(tokenizer, config, "eos")
+        if eos is None:
+            raise ValueError(
+                "eos_id: the model/tokenizer defines no eos_token_id; pass eos_id= explicitly"
+            )
+        self._eos = validation.token_id("eos_id", eos, vocab)
+        bos = bos_id if bos_id is not None else _special_id(tokenizer, config, "bos")
+        self._bos = None if bos is None else validation.token_id("bos_id", bos, vocab)
+        self.max_batch = validation.positive_int("max_batch", max_batch)
+        self._logits_to_keep = _forward_accepts(model, "logits_to_keep")
+        self.name = str(getattr(config, "_name_or_path", "") or type(model).__name__)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        dtype: torch.dtype = torch.float32,
+        tokenizer: Any = "auto",
+        local_files_only: bool | None = None,
+        **kwargs: Any,
+    ) -> HFPolicy:
+        """Load a causal LM and its tokenizer from a folder (offline) or a hub name.
+
+        ``tokenizer="auto"`` uses :func:`load_tokenizer` (``PreTrainedTokenizerFast`` when the
+        folder has a ``tokenizer.json``); pass ``None`` for no tokenizer or an object to use it.
+        ``local_files_only`` defaults to True for an existing folder.
+        """
+        from transformers import AutoModelForCausalLM
+
+        is_dir = Path(path).is_dir()
+        offline = is_dir if local_files_only is None else local_files_only
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=dtype, local_files_only=offline
+        )
+        tok = load_tokenizer(path, local_files_only=offline) if tokenizer == "auto" else tokenizer
+        return cls(model, tok, **kwargs)
+
+    # ------------------------------------------------------------------ protocol attributes
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._bos
+
+    def __repr__(self) -> str:
+        n = sum(p.numel() for p in self.model.parameters())
+        return f"HFPolicy({self.name!r}, params={n}, V={self._vocab}, eos={self._eos})"
+
+    # ------------------------------------------------------------------ text helpers
+    def encode(self, text: str, *, chat: bool = False, add_special_tokens: bool = True) -> Seq:
+        """Token ids of a prompt ``text`` (with the tokenizer's BOS / post-processor).
+
+        ``chat=True`` wraps ``text`` as one user message in the tokenizer's chat template (with the
+        generation prompt); it raises ``ValueError`` if the tokenizer has no chat template.
+        """
+        tok = self._require_tokenizer()
+        if chat:
+            if not getattr(tok, "chat_template", None):
+                raise ValueError("chat=True: the tokenizer has no chat_template")
+            ids = tok.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+            )
+            if isinstance(ids, dict) or hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+            return tuple(int(i) for i in ids)
+        return tuple(int(i) for i in tok(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        """Text of token ids (special tokens dropped by default)."""
+        tok = self._require_tokenizer()
+        return str(tok.decode(list(ids), skip_special_tokens=skip_special_tokens))
+
+    def _require_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise ValueError("this HFPolicy has no tokenizer; pass tokenizer= to use text")
+        return self.tokenizer
+
+    # ------------------------------------------------------------------ model calls
+    def context(self, prompt: Seq) -> Seq:
+        """The ids fed to the model before the response: ``prompt``, or ``(bos_id,)`` if empty."""
+        prompt = tuple(int(t) for t in prompt)
+        if prompt:
+            return prompt
+        if self._bos is None:
+            raise ValueError(
+                "prompt is empty and the model has no bos_token_id: pass a non-empty prompt "
+                "or bos_id="
+            )
+        return (self._bos,)
+
+    def _logits(
+        self,
+        input_ids: Tensor,
+        *,
+        attention_mask: Tensor | None = None,
+        cache: Any = None,
+        last_only: bool = False,
+    ) -> tuple[Tensor, Any]:
+        kwargs: dict[str, Any] = {"use_cache": cache is not None}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        if cache is not None:
+            kwargs["past_key_values"] = cache
+        if last_only and self._logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        with torch.no_grad():
+            out = self.model(input_ids=input_ids, **kwargs)
+        logits = out.logits
+        if last_only:
+            logits = logits[:, -1]
+        return logits, getattr(out, "past_key_values", None)
+
+    def next_logprobs(self, prompt: Seq, prefixes: Sequence[Seq]) -> Tensor:
+        """``[B, V]`` float64 next-token log-probs by a full (uncached) forward of each prefix."""
+        ctx = self.context(prompt)
+        prefixes = [tuple(p) for p in prefixes]
+        out = torch.empty((len(prefixes), self._vocab), dtype=torch.float64)
+        for lo in range(0, len(prefixes), self.max_batch):
+            chunk = prefixes[lo : lo + self.max_batch]
+            rows, lengths = seqs_to_rows([ctx + p for p in chunk], pad_id=self._eos)
+            mask = (torch.arange(rows.shape[1])[None, :] < lengths[:, None]).long()
+            logits, _ = self._logits(rows, attention_mask=mask)
+            last = logits[torch.arange(len(chunk)), lengths - 1]
+            out[lo : lo + len(chunk)] = torch.log_softmax(last.to(torch.float64), dim=-1)
+        return out
+
+    def sequence_logprob(self, prompt: Seq, xs: Sequence[Seq], per_token: bool = False) -> Tensor:
+        """``log p(x | y)`` (``[B, L_max]`` per token) by one forward of ``prompt ⊕ x`` per row."""
+        ctx = self.context(prompt)
+        xs = [tuple(int(t) for t in x) for x in xs]
+        length = max((len(x) for x in xs), default=0)
+        per = torch.zeros((len(xs), length), dtype=torch.float64)
+        n_ctx = len(ctx)
+        for lo in range(0, len(xs), self.max_batch):
+            chunk = xs[lo : lo + self.max_batch]
+            if not any(chunk):
+                continue
+            rows, lengths = seqs_to_rows([ctx + x for x in chunk], pad_id=self._eos)
+            mask = (torch.arange(rows.shape[1])[None, :] < lengths[:, None]).long()
+            logits, _ = self._logits(rows, attention_mask=mask)
+            width = rows.shape[1] - n_ctx
+            lp = torch.log_softmax(logits[:, n_ctx - 1 : -1].to(torch.float64), dim=-1)
+            tok = rows[:, n_ctx:]
+            got = lp.gather(-1, tok[..., None]).squeeze(-1)
+            valid = torch.arange(width)[None, :] < (lengths - n_ctx)[:, None]
+            per[lo : lo + len(chunk), :width] = torch.where(valid, got, torch.zeros_like(got))
+        return per if per_token else per.sum(dim=1)
+
+    def session(self, prompt: Seq, batch: int) -> HFSession:
+        """A KV-cached :class:`HFSession` of ``batch`` empty rows after ``prompt``."""
+        return HFSession(self, prompt, batch)
+
+    def generate(
+        self,
+        prompt: Seq,
+        num: int,
+        generator: torch.Generator,
+        *,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+    ) -> Generated:
+        """``num`` responses decoded with the caller's generator (own loop; never ``generate``).
+
+        Full-vocabulary sampling at ``temperature`` unless ``top_k`` / ``top_p`` are given; the
+        returned ``log_q`` is the log-probability under the law actually sampled, so
+        ``log_p - log_q`` is an exact importance log-weight towards ``p_ref``.
+        """
+        validation.generator("generator", generator)
+        validation.positive_int("num", num)
+        validation.positive_int("max_new_tokens", max_new_tokens)
+        temperature = validation.positive_float("temperature", temperature)
+        if top_k is not None:
+            validation.positive_int("top_k", top_k)
+        if top_p is not None:
+            top_p = validation.unit_interval("top_p", top_p, closed=True)
+            if top_p == 0.0:
+                raise ValueError("top_p must lie in (0, 1], got 0")
+        session = self.session(prompt, num)
+        live = torch.ones(num, dtype=torch.bool)
+        log_p = torch.zeros(num, dtype=torch.float64)
+        log_q = torch.zeros(num, dtype=torch.float64)
+        generated = 0
+        for _ in range(max_new_tokens):
+            if not bool(live.any()):
+                break
+            lp = session.logprobs()
+            lq = filtered_logprobs(lp, temperature=temperature, top_k=top_k, top_p=top_p)
+            tok = sample_categorical(generator, lq)
+            tok = torch.where(live, tok, torch.full_like(tok, self._eos))
+            log_p += torch.where(live, lp.gather(1, tok[:, None]).squeeze(1), 0.0)
+            log_q += torch.where(live, lq.gather(1, tok[:, None]).squeeze(1), 0.0)
+            generated += int(live.sum())
+            session.extend(tok)
+            live = live & (tok != self._eos)
+        seqs: list[Seq] = []
+        for row in session.tokens().tolist():
+            if self._eos in row:
+                row = row[: row.index(self._eos) + 1]
+            seqs.append(tuple(row))
+        return Generated(seqs, log_p, log_q, session.cost + Cost(generated_tokens=generated))
+
+
+def _fork_cache(cache: Any) -> Any:
+    """An independent copy of a ``DynamicCache`` that shares tensors copy-on-write.
+
+    ``DynamicLayer`` never writes its tensors in place (``update`` concatenates, ``crop`` slices,
+    ``batch_select_indices`` / ``batch_repeat_interleave`` index), so copying the layer objects is
+    enough; any other layer type is deep-copied.
+    """
+    from transformers.cache_utils import DynamicLayer
+
+    if all(type(layer) is DynamicLayer for layer in cache.layers):
+        twin = copy.copy(cache)
+        twin.layers = [copy.copy(layer) for layer in cache.layers]
+        return twin
+    return copy.deepcopy(cache)
+
+
+class HFSession:
+    """A batched, KV-cached :class:`~tiltsample.policy.DecodeSession` of an :class:`HFPolicy`.
+
+    Invariant: the cache holds the context and the first ``cached`` response tokens of every row
+    (``cached <= length``); ``logprobs`` pushes the remaining ``length - cached`` tokens in one
+    forward call and keeps the resulting next-token law until the rows change. Rows that ended
+    with EOS are fed EOS padding (the batch stays rectangular; their law is a point mass on EOS).
+
+    Cost: the prompt prefill counts ``len(context)`` forward tokens once (batch 1, then the cache is
+    expanded); every later call counts ``B × k`` tokens for ``k`` pending tokens per row.
+    """
+
+    def __init__(self, policy: HFPolicy, prompt: Seq, batch: int) -> None:
+        validation.non_negative_int("batch", batch)
+        self._policy = policy
+        self._context = policy.context(prompt)
+        self._eos = policy.eos_id
+        self._vocab = policy.vocab_size
+        self._tokens = torch.zeros((batch, 0), dtype=torch.long)
+        self._done = torch.zeros(batch, dtype=torch.bool)
+        self._cache: Any = None
+        self._cached = 0
+        self._prompt_logprobs: Tensor | None = None
+        self._logprobs: Tensor | None = None
+        self._forward = 0
+        self._calls = 0
+
+    # ------------------------------------------------------------------ protocol
+    @property
+    def batch_size(self) -> int:
+        return int(self._tokens.shape[0])
+
+    @property
+    def length(self) -> int:
+        return int(self._tokens.shape[1])
+
+    @property
+    def cost(self) -> Cost:
+        return Cost(forward_tokens=self._forward, model_calls=self._calls)
+
+    @property
+    def cached_length(self) -> int:
+        """Response tokens currently held in the KV cache (the rest are pending)."""
+        return self._cached if self._cache is not None else 0
+
+    def tokens(self) -> Tensor:
+        return self._tokens.clone()
+
+    def logprobs(self) -> Tensor:
+        if self._logprobs is None:
+            self._logprobs = self._compute()
+        return self._logprobs
+
+    def extend(self, tokens: Tensor) -> None:
+        tokens = torch.as_tensor(tokens, dtype=torch.long)
+        if tokens.dim() == 1:
+            tokens = tokens[:, None]
+        if tokens.dim() != 2 or tokens.shape[0] != self.batch_size:
+            raise ValueError(
+                f"tokens must have shape [B] or [B, k] with B={self.batch_size}, "
+                f"got {tuple(tokens.shape)}"
+            )
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self._vocab):
+            raise ValueError(f"tokens must lie in [0, vocab_size={self._vocab})")
+        if tokens.shape[1] == 0:
+            return
+        tokens = torch.where(self._done[:, None], torch.full_like(tokens, self._eos), tokens)
+        self._tokens = torch.cat([self._tokens, tokens], dim=1)
+        self._done = self._done | (tokens == self._eos).any(dim=1)
+        self._logprobs = None
+
+    def truncate(self, n: int) -> None:
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= self.length:
+            raise ValueError(f"n must be an int in [0, length={self.length}], got {n!r}")
+        if n == 0:
+            return
+        new_len = self.length - n
+        self._tokens = self._tokens[:, :new_len]
+        self._done = (self._tokens == self._eos).any(dim=1)
+        self._logprobs = None
+        if self._cache is not None:
+            # keep the context and at most new_len - 1 response tokens: the last token is re-fed
+            # (for new_len == 0 the law after the prompt is stored)
+            keep = max(new_len - 1, 0)
+            if self._cached > keep:
+                self._cache.crop(-(self._cached - keep))
+                self._cached = keep
+
+    def select(self, indices: Tensor) -> None:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        if idx.dim() != 1:
+            raise ValueError(f"indices must be 1-D, got shape {tuple(idx.shape)}")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.batch_size):
+            raise ValueError(f"indices must lie in [0, batch_size={self.batch_size})")
+        self._tokens = self._tokens[idx]
+        self._done = self._done[idx]
+        if self._logprobs is not None:
+            self._logprobs = self._logprobs[idx]
+        if self._cache is not None:
+            if idx.numel() == 0:
+                self._cache = None
+                self._cached = 0
+            else:
+                self._cache.batch_select_indices(idx)
+
+    def fork(self) -> HFSession:
+        twin = copy.copy(self)
+        twin._tokens = self._tokens.clone()
+        twin._done = self._done.clone()
+        twin._logprobs = None if self._logprobs is None else self._logprobs.clone()
+        twin._cache = None if self._cache is None else _fork_cache(self._cache)
+        twin._forward = 0
+        twin._calls = 0
+        return twin
+
+    # ------------------------------------------------------------------ internals
+    def _prefill(self) -> None:
+        """Encode the context once (batch 1); store the law after it; expand to the batch."""
+        ctx = torch.tensor([self._context], dtype=torch.long)
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        logits, _ = self._policy._logits(ctx, cache=cache, last_only=True)
+        self._forward += len(self._context)
+        self._calls += 1
+        self._prompt_logprobs = torch.log_softmax(logits[0].to(torch.float64), dim=-1)
+        if self.batch_size > 1:
+            cache.batch_repeat_interleave(self.batch_size)
+        self._cache = cache
+        self._cached = 0
+
+    def _compute(self) -> Tensor:
+        batch = self.batch_size
+        if batch == 0:
+            return torch.zeros((0, self._vocab), dtype=torch.float64)
+        if self._cache is None:
+            self._prefill()
+        assert self._prompt_logprobs is not None
+        if self.length == 0:
+            out = self._prompt_logprobs.expand(batch, -1).clone()
+        else:
+            pending = self._tokens[:, self._cached :]
+            if pending.shape[1] == 0:  # pragma: no cover - the invariant keeps one token pending
+                raise RuntimeError("HFSession lost its next-token law; this is a bug")
+            logits, _ = self._policy._logits(pending, cache=self._cache, last_only=True)
+            self._forward += batch * int(pending.shape[1])
+            self._calls += 1
+            self._cached = self.length
+            out = torch.log_softmax(logits.to(torch.float64), dim=-1)
+        if bool(self._done.any()):
+            out[self._done] = -math.inf
+            out[self._done, self._eos] = 0.0
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# masked diffusion
+# --------------------------------------------------------------------------------------------
+UNMASKING_RULES: tuple[str, ...] = ("fixed", "random", "max-confidence", "drawn-confidence")
+
+
+class HFMaskedDiffusionPolicy:
+    r"""A bidirectional mask predictor as a :class:`~tiltsample.diffusion.MaskedDiffusionPolicy`.
+
+    The network sees ``context ⊕ state`` (``state`` the ``L`` response positions, ``mask_id`` where
+    masked) with full (non-causal) attention and predicts, at every response position, the token
+    there: :meth:`position_logprobs` returns these ``[B, L, V]`` laws (``mask_id`` and the ids in
+    ``forbidden_ids`` get probability zero).
+
+    Base sampler (it *defines* ``p_ref``; ``specs/ets.md`` §1, §3), with the names and schedule of
+    the exact toy :class:`~tiltsample.targets.masked_diffusion.MaskedDiffusionToy`: ``T =
+    num_steps`` steps; LLaDA's semi-autoregressive schedule splits the response into blocks of
+    ``block_length`` positions (default one block) and each block evenly over its ``T / (L /
+    block_length)`` steps. At every step each eligible (current block, masked) position draws a
+    token from its predictive law at ``temperature`` with the caller's generator, and the
+    committed positions are chosen by ``unmasking``:
+
+    ``"fixed"``
+        the leftmost eligible masked positions;
+    ``"random"``
+        a uniformly random subset of them;
+    ``"max-confidence"``
+        the positions whose predictive law has the largest maximum probability;
+    ``"drawn-confidence"`` (default)
+        LLaDA's low-confidence remasking: the positions whose *drawn* tokens have the highest
+        untempered probability.
+
+    Ties go to the lowest position. The first three rules look at the revealed tokens only, so with
+    one position per step and an exact predictor the output law is the joint (the spec's DLM toy);
+    ``"drawn-confidence"`` looks at the fresh draws, so ``p_ref`` is the sampler's own output law,
+    which has no tractable sequence probability for a network (this class therefore has no
+    ``sequence_logprob``; samplers that need only rewards run on it).
+
+    ``shift=True`` reads the prediction for position ``j`` from the network output at ``j - 1``
+    (the last context position for ``j = 0``), as in models adapted from causal LMs (Dream,
+    DiffuLLaMA); the shipped task model is one.
+
+    Positions after a committed EOS are not forced to EOS; a response is read as a
+    :data:`~tiltsample.types.Seq` cut after its first EOS (the protocol's convention) and the
+    trained task model learns to fill them with EOS.
+
+    Cost of a step: one forward of ``B × (len(context) + L)`` tokens (no KV cache: attention is
+    bidirectional) for the rows that still have a masked position; ``generated_tokens`` =
+    positions committed.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any = None,
+        *,
+        length: int,
+        num_steps: int | None = None,
+        block_length: int | None = None,
+        mask_id: int | None = None,
+        eos_id: int | None = None,
+        bos_id: int | None = None,
+        unmasking: str = "drawn-confidence",
+        temperature: float = 1.0,
+        forbidden_ids: Sequence[int] = (),
+        shift: bool = False,
+    ) -> None:
+        if not callable(model) or not hasattr(model, "config"):
+            raise TypeError(f"model must be a transformers model, got {type(model).__name__}")
+        if not isinstance(shift, bool):
+            raise TypeError(f"shift must be a bool, got {type(shift).__name__}")
+        self.shift = shift
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        config = model.config
+        vocab = getattr(config, "vocab_size", None)
+        if not isinstance(vocab, int) or vocab < 3:
+            raise ValueError(f"model.config.vocab_size must be an int >= 3, got {vocab!r}")
+        self._vocab = vocab
+        self._length = validation.positive_int("length", length)
+        steps = length if num_steps is None else num_steps
+        self._steps = validation.positive_int("num_steps", steps)
+        if self._steps > self._length:
+            raise ValueError(f"num_steps must lie in [1, length={length}], got {steps}")
+        block = length if block_length is None else block_length
+        self.block_length = validation.positive_int("block_length", block)
+        if length % block:
+            raise ValueError(f"block_length must divide length={length}, got {block}")
+        if self._steps % (length // block):
+            raise ValueError(
+                f"num_steps={self._steps} must be a multiple of the number of blocks "
+                f"length/block_length = {length // block}"
+            )
+        self._steps_per_block = self._steps // (length // block)
+        if self._steps_per_block > block:
+            raise ValueError(
+                f"each block of {block} positions gets {self._steps_per_block} steps; "
+                "lower num_steps or raise block_length"
+            )
+        mask = mask_id if mask_id is not None else _special_id(tokenizer, config, "mask")
+        if mask is None:
+            raise ValueError("mask_id: the model/tokenizer defines no mask_token_id; pass mask_id=")
+        self._mask = validation.token_id("mask_id", mask, vocab)
+        eos = eos_id if eos_id is not None else _special_id(tokenizer, config, "eos")
+        if eos is None:
+            raise ValueError("eos_id: the model/tokenizer defines no eos_token_id; pass eos_id=")
+        self._eos = validation.token_id("eos_id", eos, vocab)
+        if self._eos == self._mask:
+            raise ValueError("eos_id and mask_id must differ")
+        bos = bos_id if bos_id is not None else _special_id(tokenizer, config, "bos")
+        self._bos = None if bos is None else validation.token_id("bos_id", bos, vocab)
+        self.unmasking = validation.one_of("unmasking", unmasking, UNMASKING_RULES)
+        self.temperature = validation.positive_float("temperature", temperature)
+        forbidden = {self._mask}
+        for i, t in enumerate(forbidden_ids):
+            forbidden.add(validation.token_id(f"forbidden_ids[{i}]", t, vocab))
+        if self._eos in forbidden:
+            raise ValueError("forbidden_ids must not contain eos_id")
+        self._forbidden = torch.tensor(sorted(forbidden), dtype=torch.long)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        dtype: torch.dtype = torch.float32,
+        tokenizer: Any = "auto",
+        local_files_only: bool | None = None,
+        **kwargs: Any,
+    ) -> HFMaskedDiffusionPolicy:
+        """Load the mask predictor and tokenizer (as :meth:`HFPolicy.from_pretrained`).
+
+        A ``tiltsample_diffusion.json`` in the folder supplies defaults for ``length``,
+        ``num_steps``, ``unmasking`` and ``forbidden_ids``; keyword arguments override them.
+        """
+        import json
+
+        from transformers import AutoModelForCausalLM
+
+        folder = Path(path)
+        offline = folder.is_dir() if local_files_only is None else local_files_only
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=dtype, local_files_only=offline
+        )
+        tok = load_tokenizer(path, local_files_only=offline) if tokenizer == "auto" else tokenizer
+        meta_file = folder / "tiltsample_diffusion.json"
+        options: dict[str, Any] = {}
+        if meta_file.is_file():
+            options = json.loads(meta_file.read_text())
+        options.update(kwargs)
+        return cls(model, tok, **options)
+
+    def with_options(self, **changes: Any) -> HFMaskedDiffusionPolicy:
+        """The same network with another sampler (``num_steps``, ``unmasking``, ...)."""
+        args: dict[str, Any] = {
+            "length": self._length,
+            "num_steps": self._steps,
+            "block_length": self.block_length,
+            "mask_id": self._mask,
+            "eos_id": self._eos,
+            "bos_id": self._bos,
+            "unmasking": self.unmasking,
+            "temperature": self.temperature,
+            "forbidden_ids": [int(t) for t in self._forbidden if int(t) != self._mask],
+            "shift": self.shift,
+        }
+        args.update(changes)
+        return HFMaskedDiffusionPolicy(self.model, self.tokenizer, **args)
+
+    # ------------------------------------------------------------------ protocol
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos
+
+    @property
+    def mask_id(self) -> int:
+        return self._mask
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    @property
+    def num_steps(self) -> int:
+        return self._steps
+
+    def context(self, prompt: Seq) -> Seq:
+        """The ids before the response positions (``(bos_id,)`` for an empty prompt)."""
+        prompt = tuple(int(t) for t in prompt)
+        if prompt:
+            return prompt
+        if self._bos is None:
+            raise ValueError("prompt is empty and the model has no bos_token_id")
+        return (self._bos,)
+
+    def initial_states(self, batch: int) -> Tensor:
+        """``[batch, L]`` fully masked states."""
+        validation.non_negative_int("batch", batch)
+        return torch.full((batch, self._length), self._mask, dtype=torch.long)
+
+    def _check_step(self, step: int) -> int:
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < self._steps:
+            raise ValueError(f"step must be an int in [0, num_steps={self._steps}), got {step!r}")
+        return step
+
+    def quota(self, step: int) -> int:
+        """Positions committed at step ``step`` (an even split of its block over the block's
+        steps; earlier steps of a block take the remainder)."""
+        self._check_step(step)
+        spb = self._steps_per_block
+        base, rem = divmod(self.block_length, spb)
+        return base + (1 if step % spb < rem else 0)
+
+    def block(self, step: int) -> range:
+        """Positions eligible at step ``step`` (the current block)."""
+        self._check_step(step)
+        b = step // self._steps_per_block
+        return range(b * self.block_length, (b + 1) * self.block_length)
+
+    def _check_states(self, states: Tensor) -> Tensor:
+        from tiltsample.diffusion import check_states
+
+        return check_states(self, states)
+
+    def position_logprobs(self, prompt: Seq, states: Tensor) -> Tensor:
+        """``[B, L, V]`` float64 predictive log-probs of every response position."""
+        return self._position_logprobs(prompt, self._check_states(states))[0]
+
+    def _position_logprobs(self, prompt: Seq, states: Tensor) -> tuple[Tensor, Cost]:
+        ctx = self.context(prompt)
+        batch = states.shape[0]
+        if batch == 0:
+            return torch.zeros((0, self._length, self._vocab), dtype=torch.float64), Cost()
+        ids = torch.cat([torch.tensor([ctx], dtype=torch.long).expand(batch, -1), states], dim=1)
+        with torch.no_grad():
+            lo = len(ctx) - int(self.shift)
+            logits = self.model(input_ids=ids, use_cache=False).logits[:, lo : lo + self._length]
+        logits = logits.to(torch.float64)
+        logits[..., self._forbidden] = -math.inf
+        cost = Cost(forward_tokens=int(ids.numel()), model_calls=1)
+        return torch.log_softmax(logits, dim=-1), cost
+
+    def denoise_step(
+        self, prompt: Seq, states: Tensor, step: int, generator: torch.Generator
+    ) -> tuple[Tensor, Cost]:
+        """Commit ``quota(step)`` eligible masked positions of every row (class docstring).
+
+        Rows with fewer eligible masked positions than the quota commit all of them; rows without
+        a masked position are returned unchanged and are not pushed through the network.
+        """
+        validation.generator("generator", generator)
+        states = self._check_states(states)
+        self._check_step(step)
+        new = states.clone()
+        live = (states == self._mask).any(dim=1).nonzero().flatten()
+        if live.numel() == 0:
+            return new, Cost()
+        rows = states[live]
+        log_p, cost = self._position_logprobs(prompt, rows)
+        n, length, vocab = log_p.shape
+        log_q = tempered_logprobs(log_p, self.temperature)
+        drawn = sample_categorical(generator, log_q.reshape(-1, vocab)).view(n, length)
+        eligible = torch.zeros(length, dtype=torch.bool)
+        blk = self.block(step)
+        eligible[blk.start : blk.stop] = True
+        masked = (rows == self._mask) & eligible
+        if self.unmasking == "fixed":
+            score = -torch.arange(length, dtype=torch.float64).expand(n, -1).clone()
+        elif self.unmasking == "random":
+            score = torch.rand((n, length), generator=generator, dtype=torch.float64)
+        elif self.unmasking == "max-confidence":
+            score = log_p.max(dim=-1).values
+        else:
+            score = log_p.gather(-1, drawn[..., None]).squeeze(-1)
+        score = score.masked_fill(~masked, -math.inf)
+        k = self.quota(step)
+        # stable descending sort: ties go to the lowest position
+        order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :k]
+        commit = torch.zeros_like(masked).scatter(1, order, True) & masked
+        new[live] = torch.where(commit, drawn, rows)
+        return new, cost + Cost(generated_tokens=int(commit.sum()))
+
+    def sample(
+        self, prompt: Seq, num: int, generator: torch.Generator
+    ) -> tuple[list[Seq], Tensor, Cost]:
+        """``num`` complete responses of the base sampler (all ``T`` steps, one batch).
+
+        Returns the responses (cut after the first EOS), the raw ``[num, L]`` states and the cost.
+        """
+        validation.positive_int("num", num)
+        states = self.initial_states(num)
+        cost = Cost()
+        for step in range(self._steps):
+            states, c = self.denoise_step(prompt, states, step, generator)
+            cost = cost + c
+        return self.to_seqs(states), states, cost
+
+    def to_seqs(self, states: Tensor) -> list[Seq]:
+        """Complete states as responses cut after their first EOS."""
+        from tiltsample.diffusion import states_to_seqs
+
+        return states_to_seqs(states, self._eos, self._mask)
+
+    def __repr__(self) -> str:
+        return (
+            f"HFMaskedDiffusionPolicy(V={self._vocab}, L={self._length}, T={self._steps}, "
+            f"block_length={self.block_length}, unmasking={self.unmasking!r})"
+        )

@@ -1,0 +1,159 @@
+"""``tiltsample compare``: plan, resume, table, figure, CLI (test-sized runs)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tiltsample import cli
+from tiltsample.compare import (
+    PROFILES,
+    RECIPES,
+    available_recipes,
+    markdown_table,
+    plan,
+    run_compare,
+    summarise,
+    wilson,
+)
+
+FAST = ["ancestral", "majority", "best-of-n", "beam"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads() -> Any:
+    previous = torch.get_num_threads()
+    yield
+    assert torch.get_num_threads() == previous, "compare must restore the thread count"
+
+
+def test_wilson_interval() -> None:
+    lo, hi = wilson(0, 10)
+    assert lo == 0.0 and math.isclose(hi, 0.2775, abs_tol=1e-4)
+    lo, hi = wilson(5, 10)
+    assert math.isclose(lo, 0.2366, abs_tol=1e-4) and math.isclose(hi, 0.7634, abs_tol=1e-4)
+    assert all(math.isnan(v) for v in wilson(0, 0))
+
+
+def test_plan_matches_budgets_and_skips_inapplicable_cells() -> None:
+    recipes = [r for r in RECIPES if r.label in ("ancestral", "best-of-n")]
+    cells = plan(recipes, [1, 4], num_problems=3, repeats=2)
+    assert sum(c.recipe.label == "ancestral" for c in cells) == 3 * 2  # budget 1 only
+    bon = [c for c in cells if c.recipe.label == "best-of-n"]
+    assert len(bon) == 2 * 3 * 2 and {c.params["num_candidates"] for c in bon} == {1, 4}
+
+
+def test_unknown_sampler_label_is_rejected() -> None:
+    with pytest.raises(ValueError, match="sampler"):
+        available_recipes(["best-of-m"])
+
+
+def test_summary_and_table() -> None:
+    recs = [
+        {
+            "sampler": "ancestral",
+            "budget": 1,
+            "problem": p,
+            "repeat": 0,
+            "correct": float(p % 2),
+            "generated_tokens": 30,
+            "forward_tokens": 40,
+            "model_calls": 31,
+            "reward_calls": 1,
+            "seconds": 0.5,
+        }
+        for p in range(4)
+    ]
+    rows = summarise(recs)
+    assert len(rows) == 1 and rows[0]["accuracy"] == 0.5 and rows[0]["gen_tokens"] == 30
+    assert rows[0]["tokens_per_s"] == 60.0
+    assert (rows[0]["ci_low"], rows[0]["ci_high"]) == wilson(2, 4)
+    table = markdown_table(rows)
+    assert (
+        table.splitlines()[0].startswith("| sampler | budget |")
+        and "| ancestral | 1 | 4 |" in table
+    )
+
+
+def test_run_resume_and_outputs(tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    first = run_compare(profile="test", out_dir=out, samplers=FAST, num_problems=1, progress=False)
+    assert {r["sampler"] for r in first.rows} == set(FAST)
+    for r in first.records:
+        assert r["correct"] in (0.0, 1.0) and r["generated_tokens"] > 0
+    for name in ("compare.jsonl", "compare.md", "compare.png"):
+        assert (out / name).stat().st_size > 0
+    # matched by generated tokens: best-of-n at budget 2 spends about twice budget 1
+    bon = {r["budget"]: r["gen_tokens"] for r in first.rows if r["sampler"] == "best-of-n"}
+    assert 1.3 < bon[2] / bon[1] < 3.0
+    # interrupt: drop the last cell and leave a torn line; the rerun redoes exactly that cell
+    lines = (out / "compare.jsonl").read_text().splitlines()
+    torn = "\n".join(lines[:-2]) + '\n{"chunk": 99, "sampl'
+    (out / "compare.jsonl").write_text(torn)
+    again = run_compare(profile="test", out_dir=out, samplers=FAST, num_problems=1, progress=False)
+
+    def strip(rs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in rs]
+
+    assert strip(again.records) == strip(first.records)
+    # a different configuration refuses to mix into the same file
+    with pytest.raises(ValueError, match="different run"):
+        run_compare(
+            profile="test", out_dir=out, samplers=FAST, num_problems=1, lam=0.5, progress=False
+        )
+
+
+def test_cli_compare(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = cli.main(
+        [
+            "compare",
+            "--profile",
+            "test",
+            "--out",
+            str(tmp_path),
+            "--samplers",
+            "ancestral",
+            "--problems",
+            "1",
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| ancestral | 1 | 1 |" in printed
+    header = json.loads((tmp_path / "compare.jsonl").read_text().splitlines()[0])["header"]
+    assert header["kind"] == "tiltsample-compare" and header["problems"] == 1
+    assert cli.main(["compare", "--samplers", "nope", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_profiles_are_small_enough() -> None:
+    assert PROFILES["test"].num_problems <= 3 and max(PROFILES["test"].budgets) <= 2
+    assert PROFILES["demo"].num_problems * max(PROFILES["demo"].budgets) <= 600
+
+
+@pytest.mark.parametrize("command", ["compare", "train-tiny"])
+def test_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main([command, "--help"])
+    assert info.value.code == 0 and "usage" in capsys.readouterr().out
+
+
+def test_common_random_numbers_at_budget_one(tmp_path: Path) -> None:
+    """ancestral, majority and best-of-n with one candidate share the seed: the same draw."""
+    out = run_compare(
+        profile="test",
+        out_dir=tmp_path,
+        samplers=["ancestral", "majority", "best-of-n"],
+        budgets=[1],
+        num_problems=2,
+        progress=False,
+    )
+    by: dict[int, set[str]] = {}
+    for r in out.records:
+        by.setdefault(r["problem"], set()).add(r["response"])
+    assert all(len(v) == 1 for v in by.values())

@@ -1,0 +1,480 @@
+r"""``tiltsample compare``: samplers × compute budgets on held-out problems of the reasoning task.
+
+Every *cell* is one sampler configuration at one budget on one problem (and one repeat): the sampler
+runs on the problem's target with the embedded model (or a user's model folder) and returns one
+final response, which the exact-match verifier scores. Compute is matched by **generated tokens**:
+a budget ``k`` asks each sampler for about ``k`` responses' worth of sampled tokens (the recipes
+below translate ``k`` into each sampler's own parameters), and the table and the figure use the
+tokens each run actually generated — never the nominal budget.
+
+Samplers (recipes; the ones registered when the run starts are used, others are listed as absent):
+
+=====================  =====================================================================
+``ancestral``          one draw at temperature 1 (budget 1 only)
+``low-temperature``    one draw at temperature ``1/alpha = 0.25`` (budget 1 only)
+``majority``           best-of-N with the self-consistency reward: the first candidate whose
+                       answer is the majority answer of the ``k`` candidates
+``best-of-n``          best-of-N with the verifier: argmax over ``k`` candidates (pass@k)
+``beam``               beam search with ``k`` beams on ``log p_ref + r/lam``
+``ets``                ETS with the verifier: ``K = 1`` rollout, ``I = 4`` guidance steps,
+                       ``M = k / 2`` candidates (about ``k`` responses of tokens; ``k >= 4``)
+``smc``                SMC with ``k`` particles (prefix twist); one particle drawn by weight
+``power-smc``          SMC on ``p_ref^4`` with ``k`` particles
+``power``              MH power sampling on ``p_ref^4``, ``2(k - 1)`` steps (uniform cut)
+``entropy-cut``        the same with entropy-chosen cut positions
+``qalign``             MH on the verifier target, ``2(k - 1)`` steps
+=====================  =====================================================================
+
+Runs are written to a JSONL run file (:class:`~tiltsample.records.RunFile`) one cell at a time; an
+interrupted run resumes where it stopped with the same command, without losing or duplicating
+cells. Seeds are *common random numbers*: every sampler gets the same seed
+(:func:`~tiltsample.records.chunk_seed` of the run seed, problem and repeat) on a given problem,
+so differences between samplers are paired, and configurations that coincide at ``k = 1``
+(ancestral, majority and best-of-N with one candidate) return the same draw. The report is a
+Markdown table (accuracy with a 95% interval, generated tokens per problem, forward tokens, wall
+time, generated tokens/s) and an accuracy-vs-tokens figure.
+
+Accuracy intervals: with one run per problem, the Wilson score interval of the proportion; with
+repeats, a normal interval on the per-problem mean accuracies (problems are the independent
+units).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tiltsample import validation
+from tiltsample.types import Cost, Seq
+
+RESPONSE_TOKENS = 34
+"""Typical response length of the default task (tokens), used to turn budgets into parameters."""
+POWER_ALPHA = 4.0
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one sampler enters the comparison.
+
+    ``configure(k)`` returns ``(num_samples, params)`` for budget ``k`` or None when the budget
+    does not apply (e.g. ancestral beyond ``k = 1``); ``target`` is ``"verifier"``, ``"power"`` or
+    ``"self-consistency"``.
+    """
+
+    label: str
+    name: str
+    configure: Callable[[int], tuple[int, dict[str, Any]] | None]
+    target: str = "verifier"
+    summary: str = ""
+
+
+def _only_one(params: dict[str, Any]) -> Callable[[int], tuple[int, dict[str, Any]] | None]:
+    return lambda k: (1, dict(params)) if k == 1 else None
+
+
+def _ets(k: int) -> tuple[int, dict[str, Any]] | None:
+    # measured on the task with K = 1, I = 4: one candidate costs about two responses of tokens
+    if k < 4:
+        return None
+    return 1, {"num_candidates": k // 2, "num_rollouts": 1}
+
+
+def _mh_steps(k: int) -> tuple[int, dict[str, Any]] | None:
+    if k < 2:
+        return None
+    return 1, {"num_steps": 2 * (k - 1)}
+
+
+RECIPES: tuple[Recipe, ...] = (
+    Recipe("ancestral", "ancestral", _only_one({}), summary="one draw, temperature 1"),
+    Recipe(
+        "low-temperature",
+        "ancestral",
+        _only_one({"temperature": 1.0 / POWER_ALPHA}),
+        summary="one draw, temperature 0.25",
+    ),
+    Recipe(
+        "majority",
+        "best-of-n",
+        lambda k: (1, {"num_candidates": k, "selection": "argmax"}),
+        target="self-consistency",
+        summary="majority vote over k draws",
+    ),
+    Recipe(
+        "best-of-n",
+        "best-of-n",
+        lambda k: (1, {"num_candidates": k, "selection": "argmax"}),
+        summary="verifier argmax over k draws",
+    ),
+    Recipe("beam", "beam", lambda k: (1, {"num_beams": k}), summary="k beams"),
+    Recipe("ets", "ets", _ets, summary="M=k/2 candidates, K=1, I=4"),
+    Recipe(
+        "smc",
+        "smc",
+        lambda k: (k, {"num_particles": k}) if k >= 2 else None,
+        summary="k particles",
+    ),
+    Recipe(
+        "power-smc",
+        "power-smc",
+        lambda k: (k, {"num_particles": k}) if k >= 2 else None,
+        target="power",
+        summary="p^4, k particles",
+    ),
+    Recipe("power", "power", _mh_steps, target="power", summary="p^4, 2(k-1) MH steps"),
+    Recipe("entropy-cut", "entropy-cut", _mh_steps, target="power", summary="p^4, 2(k-1) MH steps"),
+    Recipe("qalign", "qalign", _mh_steps, summary="verifier target, 2(k-1) MH steps"),
+)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Sizes of a comparison run."""
+
+    num_problems: int
+    budgets: tuple[int, ...]
+    repeats: int = 1
+
+
+PROFILES: dict[str, Profile] = {
+    "test": Profile(num_problems=2, budgets=(1, 2)),
+    "demo": Profile(num_problems=32, budgets=(1, 4, 16)),
+    "full": Profile(num_problems=200, budgets=(1, 2, 4, 8, 16)),
+}
+
+
+def available_recipes(
+    only: Sequence[str] | None = None,
+) -> tuple[list[Recipe], dict[str, str]]:
+    """The recipes whose sampler is registered now, and the reasons others are left out."""
+    from tiltsample import registry
+
+    names = {e.name for e in registry.samplers()}
+    labels = [r.label for r in RECIPES]
+    if only is not None:
+        for label in only:
+            validation.one_of("sampler", label, labels)
+    chosen, skipped = [], {}
+    for r in RECIPES:
+        if only is not None and r.label not in only:
+            continue
+        if r.name in names:
+            chosen.append(r)
+        else:
+            skipped[r.label] = f"sampler {r.name!r} is not registered"
+    return chosen, skipped
+
+
+# ------------------------------------------------------------------------------------ cells
+@dataclass(frozen=True)
+class Cell:
+    recipe: Recipe
+    budget: int
+    problem: int
+    repeat: int
+    num_samples: int
+    params: dict[str, Any]
+
+
+def plan(
+    recipes: Sequence[Recipe], budgets: Sequence[int], num_problems: int, repeats: int
+) -> list[Cell]:
+    """All cells in run order (recipe, budget, repeat, problem)."""
+    cells = []
+    for r in recipes:
+        for k in budgets:
+            conf = r.configure(k)
+            if conf is None:
+                continue
+            n, params = conf
+            for rep in range(repeats):
+                for p in range(num_problems):
+                    cells.append(Cell(r, k, p, rep, n, params))
+    return cells
+
+
+def _target_for(recipe: Recipe, problem: Any, policy: Any, lam: float) -> Any:
+    from tiltsample.target import TiltedTarget, power_target
+    from tiltsample.targets import tasks
+
+    base = tasks.problem_target(problem, policy, lam=lam)
+    if recipe.target == "verifier":
+        return base
+    if recipe.target == "self-consistency":
+        return TiltedTarget(
+            policy, tasks.self_consistency(), lam, base.prompt, base.max_new_tokens, meta=base.meta
+        )
+    if recipe.target == "power":
+        return power_target(policy, POWER_ALPHA, base.prompt, base.max_new_tokens)
+    raise ValueError(f"unknown recipe target {recipe.target!r}")
+
+
+def run_cell(cell: Cell, problem: Any, policy: Any, lam: float, seed: int) -> dict[str, Any]:
+    """Run one cell; returns its JSON record (the verdict, the response and the cost)."""
+    from tiltsample.driver import sample
+    from tiltsample.registry import sampler_entry
+    from tiltsample.targets import tasks
+
+    target = _target_for(cell.recipe, problem, policy, lam)
+    factory = sampler_entry(cell.recipe.name).load()
+    gen = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    algorithm = factory(target, num_samples=cell.num_samples, **cell.params)
+    out = sample(algorithm, target, cell.num_samples, generator=gen, progress=False)
+    if len(out) > 1:
+        out = out.resample(1, gen)
+    seconds = time.perf_counter() - start
+    x: Seq = out.sequences[0]
+    correct = float(tasks.verifier()(target.prompt, [x])[0])
+    return {
+        "sampler": cell.recipe.label,
+        "budget": cell.budget,
+        "problem": cell.problem,
+        "repeat": cell.repeat,
+        "correct": correct,
+        "answer": tasks.answer_text_of_response(x),
+        "response": tasks.decode(x),
+        "seconds": seconds,
+        **out.cost.as_dict(),
+    }
+
+
+# ------------------------------------------------------------------------------------ summary
+def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a proportion."""
+    if n == 0:
+        return (math.nan, math.nan)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def summarise(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (sampler, budget): accuracy, CI, mean tokens per problem, time, tokens/s."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault((r["sampler"], int(r["budget"])), []).append(r)
+    order = {rec.label: i for i, rec in enumerate(RECIPES)}
+    rows = []
+    for (label, budget), recs in sorted(
+        groups.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0][1])
+    ):
+        n = len(recs)
+        per_problem: dict[int, list[float]] = {}
+        for r in recs:
+            per_problem.setdefault(int(r["problem"]), []).append(float(r["correct"]))
+        means = [sum(v) / len(v) for v in per_problem.values()]
+        acc = sum(means) / len(means)
+        if all(len(v) == 1 for v in per_problem.values()):
+            lo, hi = wilson(sum(means), len(means))
+        else:
+            m = len(means)
+            sd = math.sqrt(sum((v - acc) ** 2 for v in means) / max(m - 1, 1))
+            lo, hi = (
+                max(0.0, acc - 1.96 * sd / math.sqrt(m)),
+                min(1.0, acc + 1.96 * sd / math.sqrt(m)),
+            )
+        gen = sum(int(r["generated_tokens"]) for r in recs)
+        fwd = sum(int(r["forward_tokens"]) for r in recs)
+        secs = sum(float(r["seconds"]) for r in recs)
+        rows.append(
+            {
+                "sampler": label,
+                "budget": budget,
+                "runs": n,
+                "accuracy": acc,
+                "ci_low": lo,
+                "ci_high": hi,
+                "gen_tokens": gen / n,
+                "forward_tokens": fwd / n,
+                "seconds": secs / n,
+                "tokens_per_s": gen / secs if secs > 0 else math.nan,
+            }
+        )
+    return rows
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The comparison table in Markdown."""
+    head = (
+        "| sampler | budget | runs | accuracy | 95% CI | gen. tokens / problem | "
+        "forward tokens / problem | wall s / problem | gen. tokens / s |\n"
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|"
+    )
+    lines = [head]
+    for r in rows:
+        lines.append(
+            f"| {r['sampler']} | {r['budget']} | {r['runs']} | {r['accuracy']:.3f} | "
+            f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}] | {r['gen_tokens']:.0f} | "
+            f"{r['forward_tokens']:.0f} | {r['seconds']:.3f} | {r['tokens_per_s']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> None:
+    """Accuracy (95% interval) against generated tokens per problem, one line per sampler."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by.setdefault(r["sampler"], []).append(r)
+    for label, rs in by.items():
+        rs = sorted(rs, key=lambda r: r["gen_tokens"])
+        x = [r["gen_tokens"] for r in rs]
+        y = [r["accuracy"] for r in rs]
+        err = [
+            [r["accuracy"] - r["ci_low"] for r in rs],
+            [r["ci_high"] - r["accuracy"] for r in rs],
+        ]
+        ax.errorbar(
+            x,
+            y,
+            yerr=err,
+            marker="o",
+            capsize=3,
+            label=label,
+            linestyle="-" if len(rs) > 1 else "none",
+        )
+    ax.set_xscale("log")
+    xs = [r["gen_tokens"] for r in rows if r["gen_tokens"] > 0]
+    if xs:
+        from matplotlib.ticker import NullFormatter
+
+        lo, hi = math.floor(math.log2(min(xs))), math.ceil(math.log2(max(xs)))
+        ax.set_xticks([2.0**e for e in range(lo, hi + 1)])
+        ax.set_xticklabels([str(2**e) for e in range(lo, hi + 1)])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("generated tokens per problem (measured)")
+    ax.set_ylabel("accuracy (exact match)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------ runner
+@dataclass
+class CompareResult:
+    rows: list[dict[str, Any]]
+    records: list[dict[str, Any]]
+    skipped: dict[str, str]
+    table: str
+    out_dir: Path
+    cost: Cost
+
+
+def run_compare(
+    *,
+    profile: str = "demo",
+    out_dir: str | Path = "results/compare",
+    model: str | None = None,
+    samplers: Sequence[str] | None = None,
+    num_problems: int | None = None,
+    budgets: Sequence[int] | None = None,
+    repeats: int | None = None,
+    lam: float = 0.1,
+    seed: int = 0,
+    progress: bool | None = None,
+    threads: int | None = 1,
+) -> CompareResult:
+    """Run (or resume) a comparison and write ``compare.jsonl``, ``compare.md``, ``compare.png``.
+
+    Parameters
+    ----------
+    profile
+        ``"test"`` (seconds), ``"demo"`` (a few minutes) or ``"full"``; the explicit arguments
+        below override its sizes.
+    model
+        A causal-LM folder (default: the shipped ``arith-ar``); its tokenizer must use the task's
+        character vocabulary.
+    samplers
+        Recipe labels to run (default: every recipe whose sampler is registered).
+    threads
+        torch intra-op threads during the run (restored afterwards). One thread is fastest for
+        the tiny model on a shared machine.
+    """
+    import sys
+
+    from tqdm.auto import tqdm
+
+    from tiltsample.records import RunFile, chunk_seed
+    from tiltsample.targets import tasks
+
+    validation.one_of("profile", profile, list(PROFILES))
+    prof = PROFILES[profile]
+    n_prob = validation.positive_int("num_problems", num_problems or prof.num_problems)
+    budget_list = tuple(budgets or prof.budgets)
+    for b in budget_list:
+        validation.positive_int("budgets[i]", b)
+    reps = validation.positive_int("repeats", repeats or prof.repeats)
+    lam = validation.positive_float("lam", lam)
+    recipes, skipped = available_recipes(samplers)
+    if not recipes:
+        raise ValueError("no sampler to compare (none of the requested recipes is registered)")
+    model_dir = str(tasks.model_path(tasks.DEFAULT_AR) if model is None else Path(model))
+    policy = tasks._load_ar(model_dir)
+    problems = tasks.held_out_problems(n_prob, seed=seed)
+    cells = plan(recipes, budget_list, n_prob, reps)
+    out = Path(out_dir)
+    header = {
+        "kind": "tiltsample-compare",
+        "model": model if model is not None else tasks.DEFAULT_AR,
+        "task": tasks.DEFAULT_TASK.as_dict(),
+        "problems": n_prob,
+        "budgets": list(budget_list),
+        "repeats": reps,
+        "lam": lam,
+        "seed": seed,
+        "cells": [[c.recipe.label, c.budget, c.num_samples, c.params] for c in cells[::n_prob]],
+    }
+    run = RunFile(out / "compare.jsonl", header)
+    if progress is None:
+        progress = sys.stderr.isatty()
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(validation.positive_int("threads", threads))
+    try:
+        todo = [i for i in range(len(cells)) if not run.done(i)]
+        bar = tqdm(todo, desc="compare", disable=not progress)
+        for i in bar:
+            cell = cells[i]
+            bar.set_postfix_str(f"{cell.recipe.label} k={cell.budget}")
+            # common random numbers: every sampler sees the same seed on a given (problem, repeat),
+            # so comparisons are paired (and k = 1 variants of one law give the same draw)
+            cell_seed = chunk_seed(seed, cell.problem * 10_000 + cell.repeat)
+            rec = run_cell(cell, problems[cell.problem], policy, lam, cell_seed)
+            run.write_chunk(i, [rec], {})
+    finally:
+        torch.set_num_threads(previous)
+    records = run.all_records()
+    rows = summarise(records)
+    table = markdown_table(rows)
+    notes = "".join(f"\n- {label}: not run ({why})" for label, why in skipped.items())
+    title = (
+        f"tiltsample compare — profile {profile}, {n_prob} held-out problems × {reps} repeat(s), "
+        f"lam={lam}, seed={seed}, model {header['model']}"
+    )
+    (out / "compare.md").write_text(f"# {title}\n\n{table}\n{notes}\n")
+    plot(rows, out / "compare.png", title=f"{n_prob} problems, lam={lam}")
+    cost = Cost()
+    for r in records:
+        cost = cost + Cost(
+            r["generated_tokens"], r["forward_tokens"], r["model_calls"], r["reward_calls"]
+        )
+    return CompareResult(rows, records, skipped, table, out, cost)
