@@ -160,8 +160,9 @@ class HFPolicy:
     tokenizer
         Optional; used by :meth:`encode` / :meth:`decode` and for the special-token ids.
     eos_id, bos_id
-        Override the special ids (default: tokenizer, then model config). ``eos_id`` is required;
-        ``bos_id`` is the context used for an empty prompt.
+        Override the special ids (default: tokenizer, then model config; the first id when the
+        config lists several, as instruct models do — the protocol has one EOS). ``eos_id`` is
+        required; ``bos_id`` is the context used for an empty prompt.
     max_batch
         Rows per forward call in the stateless methods (:meth:`next_logprobs`,
         :meth:`sequence_logprob`); sessions forward their whole batch at once.
@@ -233,7 +234,8 @@ class HFPolicy:
         model = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=dtype, local_files_only=offline
         )
-        tok = load_tokenizer(path, local_files_only=offline) if tokenizer == "auto" else tokenizer
+        auto = isinstance(tokenizer, str) and tokenizer == "auto"
+        tok = load_tokenizer(path, local_files_only=offline) if auto else tokenizer
         return cls(model, tok, **kwargs)
 
     # ------------------------------------------------------------------ protocol attributes
@@ -724,7 +726,8 @@ class HFMaskedDiffusionPolicy:
         model = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=dtype, local_files_only=offline
         )
-        tok = load_tokenizer(path, local_files_only=offline) if tokenizer == "auto" else tokenizer
+        auto = isinstance(tokenizer, str) and tokenizer == "auto"
+        tok = load_tokenizer(path, local_files_only=offline) if auto else tokenizer
         meta_file = folder / "tiltsample_diffusion.json"
         options: dict[str, Any] = {}
         if meta_file.is_file():

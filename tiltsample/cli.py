@@ -282,8 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument(
         "--threads",
         type=int,
-        default=1,
-        help="torch threads (weights are bit-identical only for the same count; default 1)",
+        default=None,
+        help="torch threads (weights are bit-identical only for the same count; default: the "
+        "preset's, 2 for arith-ar, 1 otherwise)",
     )
     p_train.add_argument("--no-progress", action="store_true")
     p_train.set_defaults(func=_cmd_train_tiny)

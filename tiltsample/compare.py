@@ -326,11 +326,14 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(8.0, 4.4))
+    cmap = plt.get_cmap("tab20")
+    colors = [cmap(i) for i in range(20)]
+    markers = "osD^v<>pXh*"
     by: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         by.setdefault(r["sampler"], []).append(r)
-    for label, rs in by.items():
+    for i, (label, rs) in enumerate(by.items()):
         rs = sorted(rs, key=lambda r: r["gen_tokens"])
         x = [r["gen_tokens"] for r in rs]
         y = [r["accuracy"] for r in rs]
@@ -342,7 +345,8 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> None:
             x,
             y,
             yerr=err,
-            marker="o",
+            marker=markers[i % len(markers)],
+            color=colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20],
             capsize=3,
             label=label,
             linestyle="-" if len(rs) > 1 else "none",
@@ -360,7 +364,7 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> None:
     ax.set_ylabel("accuracy (exact match)")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()

@@ -6,8 +6,9 @@ Task (:mod:`.arithmetic`)
     exact-match verifier (:func:`verifier`).
 Models (``models/<name>/``, shipped with the package, loaded offline with ``from_pretrained``)
     ``arith-ar``: a ~0.85M-parameter Qwen2 causal LM (:func:`load_policy`);
-    ``arith-dlm``: the same backbone with bidirectional attention as a masked-diffusion LM
-    (:func:`load_diffusion_policy`). Both were trained by :mod:`.train` (``tiltsample train-tiny``)
+    ``arith-dlm``: the same backbone with bidirectional attention as a masked-diffusion LM,
+    adapted from ``arith-ar`` (:func:`load_diffusion_policy`; drawn-confidence sampler, blocks of
+    8, 48 steps). Both were trained by :mod:`.train` (``tiltsample train-tiny``)
     and stopped early on purpose: mediocre at temperature 1, much better at pass@8.
 Targets
     :func:`problem_target` — ``pi(x | y) ∝ p_ref(x | y) exp(r(y, x)/lam)`` for one problem with the

@@ -9,15 +9,17 @@ with the defaults: hidden 128, 4 layers, 4 heads, MLP 384, vocabulary 20):
 ``kind="dlm"``
     A masked-diffusion LM (``Qwen2Config(is_causal=False)``: bidirectional attention). The response
     is padded with EOS to a fixed length ``L``; each training example draws ``t ~ U(t_min, 1)``.
-    A quarter of the examples mask every response position independently with probability ``t``
-    (LLaDA) and are scored on every masked position; the others (``block_mask_fraction``) get the
-    masks the semi-autoregressive sampler visits — a random block ``b`` of ``block_length``
-    positions masked with probability ``t``, the blocks before it revealed, the blocks after it
-    fully masked — and are scored on the masked positions of block ``b`` only (the sampler never
-    commits a later block from such a state). The loss is the **plain mean** cross-entropy over
-    scored positions (the 1/t-weighted LLaDA loss does not learn in minutes at
-    this scale — ``../shared/PITFALLS.md``; uniform masks alone reached only 3% accuracy after 750
-    steps here). Logits at a position predict that position (no shift).
+    A fraction ``block_mask_fraction`` of the examples gets the masks the semi-autoregressive
+    sampler visits — a random block ``b`` of ``block_length`` positions masked with probability
+    ``t``, the blocks before it revealed, the blocks after it fully masked — scored on the masked
+    positions of block ``b`` only (the sampler never commits a later block from such a state); the
+    others mask every position independently with probability ``t`` (LLaDA) and are scored on all
+    masked positions. The loss is the **plain mean** cross-entropy over scored positions (the
+    1/t-weighted LLaDA loss does not learn in minutes at this scale — ``../shared/PITFALLS.md``).
+    Without ``shift`` the output at a position predicts that position; with ``shift`` the output
+    at ``j - 1`` predicts ``j``. The shipped ``arith-dlm`` starts from ``arith-ar``'s weights
+    (``init_from``), uses ``shift`` and block masks only: from scratch, or with uniform masks, the
+    model had not learned the arithmetic after 500–750 steps (1–3% accuracy; ``docs/hf.md``).
 
 Both are stopped early on purpose: the shipped base models are mediocre at temperature 1 (the
 regime where reward-guided sampling has room), while pass@k is far higher.
@@ -85,6 +87,9 @@ class TrainConfig:
     sampler visits (earlier blocks revealed, the current block partly masked, later blocks fully
     masked; only the current block is scored); the rest are masked uniformly (LLaDA)."""
     task: ArithmeticTask = field(default_factory=ArithmeticTask)
+    threads: int = 1
+    """torch intra-op threads: float sums are reduced in a thread-count-dependent order, so the
+    count is part of what determines the weights bit for bit."""
 
     def __post_init__(self) -> None:
         validation.one_of("kind", self.kind, ("ar", "dlm"))
@@ -101,6 +106,7 @@ class TrainConfig:
             validation.positive_int(name, getattr(self, name))
         validation.non_negative_int("warmup", self.warmup)
         validation.non_negative_int("seed", self.seed)
+        validation.positive_int("threads", self.threads)
         validation.positive_float("lr", self.lr)
         validation.unit_interval("mask_t_min", self.mask_t_min, closed=False)
         validation.positive_int("block_length", self.block_length)
@@ -132,8 +138,11 @@ class TrainConfig:
 
 #: The configurations of the shipped checkpoints (``targets/tasks/models/<name>``).
 PRESETS: dict[str, TrainConfig] = {
-    "arith-ar": TrainConfig(kind="ar", steps=450),
-    "arith-dlm": TrainConfig(kind="dlm", steps=1500, shift=True, init_from="arith-ar"),
+    # trained with two threads: `train-tiny --model arith-ar` reproduces the shipped bits
+    "arith-ar": TrainConfig(kind="ar", steps=450, threads=2),
+    "arith-dlm": TrainConfig(
+        kind="dlm", steps=1200, lr=1e-3, shift=True, init_from="arith-ar", block_mask_fraction=1.0
+    ),
     # small, fast variants for tests of the training script itself
     "tiny-ar": TrainConfig(
         kind="ar",
@@ -312,21 +321,22 @@ def train(
     eval_problems: int = 200,
     save_every: int = 0,
     log: Callable[[str], None] | None = None,
-    threads: int | None = 1,
+    threads: int | None = None,
 ) -> TrainResult:
     """Train a model of ``config`` deterministically; optionally save it to ``out_dir``.
 
     ``eval_every > 0`` evaluates (temperature 1, greedy, pass@8 on ``eval_problems`` test problems)
     every that many steps and records it in the history; ``save_every > 0`` also saves a
     checkpoint ``out_dir/step-<n>`` at those steps (used to choose where to stop).
-    ``threads`` fixes torch's intra-op thread count for the run (restored afterwards): float sums
-    are reduced in a thread-count-dependent order, so bit-identical weights need the same count.
-    One thread is also the fastest on a shared 2-core machine (oversubscribed threads are 10×
-    slower).
+    ``threads`` (default ``config.threads``) fixes torch's intra-op thread count for the run
+    (restored afterwards): float sums are reduced in a thread-count-dependent order, so
+    bit-identical weights need the same count. One thread is the fastest on a loaded 2-core
+    machine (oversubscribed threads are 10× slower); the count is recorded in the saved config.
     """
+    if threads is not None and threads != config.threads:
+        config = TrainConfig.from_dict({**config.as_dict(), "threads": threads})
     previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(validation.positive_int("threads", threads))
+    torch.set_num_threads(config.threads)
     try:
         return _train(config, out_dir, progress, eval_every, eval_problems, save_every, log)
     finally:
@@ -589,7 +599,7 @@ def main_train(
     eval_every: int = 0,
     save_every: int = 0,
     progress: bool = True,
-    threads: int | None = 1,
+    threads: int | None = None,
 ) -> TrainResult:
     """Train the preset ``name`` (see :data:`PRESETS`) into ``out_dir`` (the CLI entry)."""
     validation.one_of("name", name, list(PRESETS))
