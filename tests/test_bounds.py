@@ -81,3 +81,13 @@ def test_sir_bounds_ordering() -> None:
     with pytest.raises(ValueError, match="w_star"):
         bounds.imh_geometric_bound(0.5, 1)
     assert bounds.smc_log_bias_approx(0.5) == -0.25
+
+
+def test_prop4_is_hoeffding_with_the_range_l_exp_d_over_lam() -> None:
+    L, D, lam, K, delta = 3.0, 1.0, 0.3, 7, 0.05
+    assert bounds.ets_prop4(L, D, lam, K, delta) == pytest.approx(
+        bounds.hoeffding_radius(L * math.exp(D / lam), K, delta), rel=1e-14
+    )
+    assert bounds.hoeffding_radius(2.0, 4, 0.1) == pytest.approx(2.0 * math.sqrt(math.log(20) / 8))
+    with pytest.raises(ValueError, match="value_range"):
+        bounds.hoeffding_radius(-1.0, 4, 0.1)

@@ -341,3 +341,163 @@ def test_sir_select_rejects_a_lossy_grid() -> None:
             1,
             grid_step=4.0,
         )
+
+
+# ----------------------------------------------------------------------------- issue 5 extensions
+def _d3_toy(seed: int, scale: float) -> tuple[TiltedTarget, TabularPolicy]:
+    from tiltsample.theory.rates.experiments_ets import _ar_target, _perturbed
+
+    target = _ar_target(seed, 3, 3, 0.3)
+    return target, _perturbed(target, 9, scale)
+
+
+def test_reference_law_with_default_ratio_is_the_specified_law() -> None:
+    from tiltsample.theory.ets_laws import ets_law_reference
+
+    target, small = _d3_toy(8, 0.9)
+    ms = [2, 16, 256]
+    spec = ets_law_sweep(target, num_candidates=ms, num_rollouts=2, block_size=1, proposal=small)
+    ref = ets_law_reference(target, num_candidates=ms, num_rollouts=2, block_size=1, proposal=small)
+    for a, b in zip(spec, ref, strict=True):
+        assert a.law.keys() == b.law.keys()
+        assert max(abs(a.law[x] - b.law[x]) for x in a.law) < 1e-13
+
+
+def _pair_sir(options: list[tuple[float, float, Any]]) -> dict[Any, float]:
+    """M = 2 SIR by enumeration: options ``(probability, weight, label)`` of one extended draw."""
+    out: dict[Any, float] = {}
+    for p1, w1, c1 in options:
+        for p2, w2, c2 in options:
+            if w1 + w2 == 0:
+                continue
+            out[c1] = out.get(c1, 0.0) + p1 * p2 * w1 / (w1 + w2)
+            out[c2] = out.get(c2, 0.0) + p1 * p2 * w2 / (w1 + w2)
+    return out
+
+
+def test_reference_law_matches_enumeration_of_the_reference_rule() -> None:
+    """Block ratio + temperature mismatch, M = 2, K = 1, d = 2: every (candidate, rollout) pair."""
+    from tiltsample.theory.ets_laws import ets_law_reference
+    from tiltsample.theory.rates.experiments_ets import _tempered
+
+    policy = random_tabular(torch.Generator().manual_seed(4), 3, 2, 0.7)
+    small = random_tabular(torch.Generator().manual_seed(5), 3, 2, 1.0)
+    ref_t, small_t = _tempered(policy, 0.7), _tempered(small, 0.7)
+    target = TiltedTarget(ref_t, ContainsTokenReward(1, 0), 0.5, (), 2, "stop")
+
+    def lp(pol: TabularPolicy, s: tuple[int, ...]) -> list[float]:
+        return pol.next_logprobs((), [s])[0].tolist()
+
+    def tilt(x: tuple[int, ...]) -> float:
+        return math.exp(float(target.log_tilt([x])[0]))
+
+    def ratio(s: tuple[int, ...], v: int) -> float:  # untempered p_ref / p_small
+        return math.exp(lp(policy, s)[v] - lp(small, s)[v])
+
+    # step 1 from the root: candidate v ~ ref_t; a complete candidate is scored exactly,
+    # an incomplete one by one rollout w ~ small_t with the untempered ratio
+    options = []
+    for v in range(3):
+        qv = math.exp(lp(ref_t, ())[v])
+        block = ratio((), v)
+        if v == 0:
+            options.append((qv, block * tilt((0,)), (0,)))
+            continue
+        for w in range(3):
+            pw = math.exp(lp(small_t, (v,))[w])
+            options.append((qv * pw, block * ratio((v,), w) * tilt((v, w)), (v,)))
+    step1 = _pair_sir(options)
+    law: dict[tuple[int, ...], float] = {(0,): step1.get((0,), 0.0)}
+    for v in (1, 2):  # step 2: complete candidates, weight = block ratio × exact tilt
+        opts = [
+            (math.exp(lp(ref_t, (v,))[w]), ratio((v,), w) * tilt((v, w)), (v, w)) for w in range(3)
+        ]
+        for x, p in _pair_sir(opts).items():
+            law[x] = step1[(v,)] * p
+    got = ets_law_reference(
+        target,
+        num_candidates=[2],
+        num_rollouts=1,
+        block_size=1,
+        proposal=small_t,
+        ratio_numerator=policy,
+        ratio_denominator=small,
+        ratio_over_block=True,
+    )[0].law
+    assert sum(law.values()) == pytest.approx(1.0, abs=1e-12)
+    assert got.keys() == {x for x, p in law.items() if p > 0}
+    assert max(abs(got[x] - law[x]) for x in got) < 1e-10
+
+
+def test_reference_deviation_laws_tend_to_their_limit_laws() -> None:
+    """The finite-M reference laws converge (rate 1/M) to the M = ∞ laws of experiment (f)."""
+    from tiltsample.theory.ets_laws import ets_law_reference
+    from tiltsample.theory.rates.experiments_ets import _deviation_setup
+
+    for name in ("block", "mismatch"):
+        _, limit, _, kwargs = _deviation_setup(8, 0.9, 0.7)[name]
+        laws = ets_law_reference(num_candidates=[256, 1024], **kwargs)
+        tvs = [tv(law.law, limit) for law in laws]
+        assert tvs[1] < tvs[0] / 3, (name, tvs)
+        assert tvs[1] < 1e-3
+
+
+def test_reference_law_rejects_bad_input() -> None:
+    from tiltsample.theory.ets_laws import ets_law_reference
+
+    target, small = _d3_toy(8, 0.5)
+    cond = TiltedTarget(target.policy, target.reward, 0.3, (), 3, "condition")
+    with pytest.raises(ValueError, match="truncation"):
+        ets_law_reference(cond, num_candidates=[4], proposal=small)
+    with pytest.raises(ValueError, match="ratio_numerator"):
+        other = random_tabular(torch.Generator().manual_seed(0), 4, 3, 1.0)
+        ets_law_reference(target, num_candidates=[4], proposal=small, ratio_numerator=other)
+
+
+def test_energy_estimate_laws_are_unbiased_and_clipping_biases_them() -> None:
+    from tiltsample.theory.ets_laws import energy_estimate_laws
+
+    target, small = _d3_toy(8, 0.9)
+    laws = energy_estimate_laws(target, block_size=1, proposal=small)
+    assert len(laws) == 6  # the incomplete prefixes (1,), (2,) and their 4 children
+    for law in laws:
+        mean = float((law.probs * torch.exp(law.log_values)).sum())
+        assert mean == pytest.approx(math.exp(law.log_energy), rel=1e-12)
+    clipped = energy_estimate_laws(target, block_size=1, proposal=small, is_log_ratio_clip=0.2)
+    gaps = [
+        abs(float((c.probs * torch.exp(c.log_values)).sum()) / math.exp(c.log_energy) - 1)
+        for c in clipped
+    ]
+    assert max(gaps) > 0.01
+
+
+def test_mean_law_brackets_the_enumerated_tail() -> None:
+    import itertools
+
+    from tiltsample.theory.ets_laws import MeanLaw
+
+    gen = torch.Generator().manual_seed(3)
+    probs = torch.rand(5, generator=gen, dtype=torch.float64)
+    probs = probs / probs.sum()
+    values = torch.rand(5, generator=gen, dtype=torch.float64) * 7.0
+    values[0] = 0.0
+    log_values = torch.log(values)
+    for k in (1, 2, 3, 4):
+        law = MeanLaw(probs, log_values, k, cells=256)
+        center = float((probs * values).sum())
+        for radius in (0.0, 0.3, 1.0, 2.5, 6.0):
+            exact = sum(
+                math.prod(float(probs[j]) for j in c)
+                for c in itertools.product(range(5), repeat=k)
+                if abs(sum(float(values[j]) for j in c) / k - center) > radius
+            )
+            lo, hi = law.tail(center, radius)
+            assert lo - 1e-12 <= exact <= hi + 1e-12, (k, radius, lo, exact, hi)
+        r_lo, r_hi = law.radius(center, 0.1)
+        assert r_lo <= r_hi
+        assert law.tail(center, r_hi)[1] <= 0.1
+    # values on the grid: the bracket is exact
+    grid = MeanLaw(torch.tensor([0.5, 0.5]), torch.log(torch.tensor([0.0, 2.0])), 3, cells=2)
+    assert grid.tail(1.0, 0.5) == pytest.approx((0.25, 0.25), abs=1e-15)
+    with pytest.raises(ValueError, match="delta"):
+        grid.radius(1.0, 1.5)

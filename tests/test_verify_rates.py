@@ -70,8 +70,29 @@ def test_c_tv_vs_i_reported_with_bound(results: dict[str, ExperimentResult]) -> 
 def test_d_is_consistent_and_tv_grows_with_l(results: dict[str, ExperimentResult]) -> None:
     fit = results["d"].fit
     assert fit is not None and fit.high < -0.8
+    assert fit.low - 0.15 < -1.0 < fit.high + 0.15
     k1 = sorted((r["L"], r["tv_exact_law"]) for r in results["d"].rows if r.get("K") == 1)
     assert [t for _, t in k1] == sorted(t for _, t in k1)
+
+
+def test_d_prop4_tail_is_measured_exactly_and_holds(results: dict[str, ExperimentResult]) -> None:
+    rows = [r for r in results["d"].rows if "prop4_radius" in r]
+    assert {r["K"] for r in rows} == {1, 2, 4, 8} and len({r["L"] for r in rows}) == 3
+    for r in rows:
+        # certified bracket of the worst state's tail, below delta at both radii
+        assert 0.0 <= r["tail_at_prop4_lo"] <= r["tail_at_prop4_hi"] <= r["delta"]
+        assert r["tail_at_hoeffding_hi"] <= r["delta"]
+        # the measured 95% radius is below the state-range Hoeffding radius, itself below Prop. 4
+        assert r["measured_radius_lo"] <= r["measured_radius_hi"] <= r["hoeffding_state_radius"]
+        assert r["hoeffding_state_radius"] < r["prop4_radius"]
+    assert "Prop. 4 holds" in results["d"].verdict
+    # the measured radius shrinks like K^{-1/2} (Prop. 4's rate) at the smallest L
+    assert "slope" in results["d"].rate
+    small_l = sorted((r["K"], r["measured_radius_hi"]) for r in rows if r["scale"] == 0.3)
+    from tiltsample.theory.rates import fit_loglog_slope
+
+    fit = fit_loglog_slope(*zip(*small_l, strict=True))
+    assert fit.high < 0 and fit.low - 0.2 < -0.5 < fit.high + 0.2
 
 
 def test_f_deviations_leave_a_floor(results: dict[str, ExperimentResult]) -> None:
@@ -82,6 +103,32 @@ def test_f_deviations_leave_a_floor(results: dict[str, ExperimentResult]) -> Non
     for clip in ("clip ±1.0", "clip ±0.2"):
         tvs = [r["tv_exact_law"] for r in rows if r["deviation"] == clip]
         assert tvs[-1] > 0.5 * tvs[0] > 1e-3
+
+
+def test_f_block_ratio_and_mismatch_at_finite_m(results: dict[str, ExperimentResult]) -> None:
+    from tiltsample.theory.rates import fit_loglog_slope
+
+    rows = results["f"].rows
+    limits = {r["deviation"]: r["tv_exact_law"] for r in rows if r["M"] == "inf"}
+    finite = [r for r in rows if "tv_to_own_limit" in r]
+    names = {r["deviation"] for r in finite}
+    assert len(names) == 3  # block ratio, temperature mismatch, both
+    for name in names:
+        sel = [r for r in finite if r["deviation"] == name]
+        floor = limits[f"{name} (M = inf)"]
+        # each finite-M law stays a floor away from the target and approaches its own limit
+        assert all(r["tv_exact_law"] > 0.5 * floor > 0.01 for r in sel)
+        fit = fit_loglog_slope([r["M"] for r in sel], [r["tv_to_own_limit"] for r in sel])
+        assert fit.high < -0.5, (name, fit)
+        assert fit.low - 0.3 < -1.0 < fit.high + 0.3, (name, fit)
+        for r in sel:  # triangle inequality on exact laws
+            assert r["gap_to_limit_tv"] <= r["tv_to_own_limit"] + 1e-12
+
+
+def test_b_slope_ci_at_k1(results: dict[str, ExperimentResult]) -> None:
+    fit = results["b"].fit  # K = 1, Monte-Carlo energies: no floor, rate 1/M
+    assert fit is not None and fit.high < -0.5
+    assert fit.low - 0.15 < -1.0 < fit.high + 0.15
 
 
 def test_g_cost_formula_is_exact(results: dict[str, ExperimentResult]) -> None:
@@ -102,6 +149,7 @@ def test_i_uniform_cut_mixing_is_linear_in_trace_length(
 ) -> None:
     fit = results["i"].fit
     assert fit is not None and abs(fit.slope - 1.0) < 0.03
+    assert fit.low - 0.05 < 1.0 < fit.high + 0.05
     entropy = {r["t_mix"] for r in results["i"].rows if r.get("cut") == "entropy_jump"}
     assert len(entropy) == 1
     power = [r for r in results["i"].rows if "tv_temp_to_power" in r]

@@ -30,9 +30,13 @@ from tiltsample.theory.energies import (
 )
 from tiltsample.theory.enumerate import ExactDistribution, exact_distribution
 from tiltsample.theory.ets_laws import (
+    EnergyEstimateLaw,
     ETSLaw,
+    MeanLaw,
     StepLaw,
+    energy_estimate_laws,
     ets_law,
+    ets_law_reference,
     ets_law_sweep,
     ets_step_law,
     rao_blackwell_law,
@@ -62,10 +66,12 @@ from tiltsample.theory.mh_kernels import (
 
 __all__ = [
     "ETSLaw",
+    "EnergyEstimateLaw",
     "ExactDistribution",
     "ExactEnergies",
     "ExactPotential",
     "Law",
+    "MeanLaw",
     "ProposalLaw",
     "StepLaw",
     "ancestral_law",
@@ -75,7 +81,9 @@ __all__ = [
     "chi2",
     "decision_trace_mixing_time",
     "detailed_balance_error",
+    "energy_estimate_laws",
     "ets_law",
+    "ets_law_reference",
     "ets_law_sweep",
     "ets_step_law",
     "exact_distribution",

@@ -191,3 +191,18 @@ def smc_log_bias_approx(var_log_z: float) -> float:
     (``specs/smc.md`` §12).
     """
     return -0.5 * var_log_z
+
+
+def hoeffding_radius(value_range: float, K: int, delta: float) -> float:
+    r"""Hoeffding's two-sided radius for the mean of ``K`` i.i.d. draws in an interval of length
+    ``value_range``: ``|mean − E| <= value_range · sqrt(log(2/δ)/(2K))`` w.p. ``>= 1 − δ``.
+
+    ETS Proposition 4 is this with the range bounded by ``L e^{D/λ}`` (a rollout term
+    ``Y = ρ e^{r/λ}`` lies in ``[0, L e^{D/λ}]`` under (A1), (A3)); with a state's actual range
+    ``max Y − min Y`` it is the sharper, state-dependent form of the same proof.
+    """
+    validation.positive_int("K", K)
+    validation.unit_interval("delta", delta, closed=False)
+    if not value_range >= 0:
+        raise ValueError(f"value_range must be >= 0, got {value_range}")
+    return value_range * math.sqrt(math.log(2.0 / delta) / (2.0 * K))

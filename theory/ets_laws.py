@@ -73,8 +73,12 @@ from tiltsample.types import Seq
 __all__ = [
     "ENERGIES",
     "ETSLaw",
+    "EnergyEstimateLaw",
+    "MeanLaw",
     "StepLaw",
+    "energy_estimate_laws",
     "ets_law",
+    "ets_law_reference",
     "ets_law_sweep",
     "ets_step_law",
     "ets_step_law_bruteforce",
@@ -304,6 +308,14 @@ class _ArModel:
     def root(self) -> Key:
         return ()
 
+    def _block_log_factor(self, rep: int, t0: int, end: int) -> Tensor:
+        """Extra log-factor of a candidate's weight (none for the sampler as implemented)."""
+        return torch.zeros((), dtype=torch.float64)
+
+    def _rollout_log_ratio(self, idt: Tensor, end: int, rest_p: Tensor, rest_r: Tensor) -> Tensor:
+        """``log`` IS ratio of each rollout: ``p_ref/q_roll`` over the rollout tokens (clipped)."""
+        return _clip(_plus(rest_p, -rest_r), self.cfg.clip)
+
     def expand(self, x: Key, i: int) -> Expansion:
         assert isinstance(x, tuple)
         cfg = self.cfg
@@ -333,7 +345,8 @@ class _ArModel:
             c = len(keys)
             keys.append(key)
             lq.append(log_qc)
-            la.append(_plus(log_pb[None], -log_qc[None])[0])
+            log_a = _plus(log_pb[None], -log_qc[None])
+            la.append(_plus(log_a, self._block_log_factor(rep, t0, end)[None])[0])
             idt = torch.tensor(ids, dtype=torch.long)
             if key in self.index:  # a complete candidate is a leaf of the tree
                 complete.append(True)
@@ -356,7 +369,7 @@ class _ArModel:
                 continue
             rest_r = self.lq_r[idt, end:].sum(dim=1)
             keep = torch.isfinite(rest_r)
-            ratio = _clip(_plus(rest_p, -rest_r), cfg.clip)
+            ratio = self._rollout_log_ratio(idt, end, rest_p, rest_r)
             y = _plus(ratio, self.log_tilt[idt])
             owner.extend([c] * int(keep.sum()))
             pis.append(rest_r[keep])
@@ -784,6 +797,273 @@ def ets_step_law_bruteforce(
     owner_t = torch.tensor(ext_c, dtype=torch.long)[tup[ok]]
     out = torch.zeros(n, dtype=torch.float64).index_add_(0, owner_t.flatten(), contrib.flatten())
     return {key: p for key, p in zip(exp.keys, out.tolist(), strict=True) if p > 0}
+
+
+# ----------------------------------------------------------------------------- reference deviations
+def _per_token_logprobs(policy: Any, prompt: Seq, leaves: Sequence[Seq], d: int) -> Tensor:
+    """``[len(leaves), d]`` per-token ``log policy(z_t | z_<t)`` (zero-padded past each leaf)."""
+    prefixes = sorted({z[:t] for z in leaves for t in range(len(z))}, key=lambda s: (len(s), s))
+    row = {s: j for j, s in enumerate(prefixes)}
+    lp = policy.next_logprobs(prompt, prefixes).to(torch.float64)
+    out = torch.zeros((len(leaves), d), dtype=torch.float64)
+    for r, z in enumerate(leaves):
+        for t, v in enumerate(z):
+            out[r, t] = lp[row[z[:t]], v]
+    return out
+
+
+def _log_ratio(num: Tensor, den: Tensor) -> Tensor:
+    if bool((torch.isneginf(den) & ~torch.isneginf(num)).any()):
+        raise ValueError(
+            "ratio_denominator gives probability zero where ratio_numerator does not: the "
+            "reference-code ratio is infinite"
+        )
+    return torch.where(torch.isneginf(num), torch.full_like(num, -math.inf), num - den)
+
+
+class _ReferenceArModel(_ArModel):
+    """:class:`_ArModel` with the reference code's IS ratio (``specs/ets.md`` §11 items 2–3)."""
+
+    def __init__(
+        self, target: TiltedTarget, cfg: _Config, numerator: Any, denominator: Any, block: bool
+    ) -> None:
+        super().__init__(target, cfg)
+        self.ln = _per_token_logprobs(numerator, target.prompt, self.leaves, self.d)
+        self.ld = _per_token_logprobs(denominator, target.prompt, self.leaves, self.d)
+        self.over_block = block
+
+    def _block_log_factor(self, rep: int, t0: int, end: int) -> Tensor:
+        if not self.over_block:
+            return torch.zeros((), dtype=torch.float64)
+        return _log_ratio(self.ln[rep, t0:end].sum()[None], self.ld[rep, t0:end].sum()[None])[0]
+
+    def _rollout_log_ratio(self, idt: Tensor, end: int, rest_p: Tensor, rest_r: Tensor) -> Tensor:
+        ratio = _log_ratio(self.ln[idt, end:].sum(dim=1), self.ld[idt, end:].sum(dim=1))
+        return _clip(ratio, self.cfg.clip)
+
+
+def ets_law_reference(
+    target: TiltedTarget,
+    *,
+    num_candidates: Sequence[int],
+    num_rollouts: int = 3,
+    block_size: int | None = None,
+    proposal: Any = None,
+    ratio_numerator: Any = None,
+    ratio_denominator: Any = None,
+    ratio_over_block: bool = False,
+    is_log_ratio_clip: float | None = None,
+    grid_step: float = DEFAULT_GRID_STEP,
+) -> list[ETSLaw]:
+    r"""Exact output laws (one per ``M``) of ETS-IS with the reference code's importance ratio.
+
+    Candidates are drawn from ``target.policy`` (temperature 1: pass a tempered table as the
+    policy to model sampling at temperature ``t``), rollouts from ``proposal`` (default the
+    policy), and a rollout ``z`` of candidate ``c`` contributes
+
+    .. math::
+
+        Y = \frac{N(z \mid c)}{D(z \mid c)}\, e^{\mathrm{log\_tilt}(z)}, \qquad
+        W_c = \Big[\frac{N(c \mid x)}{D(c \mid x)}\Big]^{\mathbb 1[\text{over block}]}
+            \frac1K \sum_k Y_k,
+
+    with ``N = ratio_numerator`` and ``D = ratio_denominator`` (defaults: the policy and the
+    proposal, which is :func:`ets_law_sweep` exactly). The deviations of ``specs/ets.md`` §11:
+
+    * item 2, the IS ratio over the candidate block: ``ratio_over_block=True`` (the committed
+      prefix's factor is common to all ``M`` candidates and cancels);
+    * item 3, the temperature mismatch: ``target.policy`` and ``proposal`` tempered at ``t``,
+      ``ratio_numerator``/``ratio_denominator`` the untempered ``p_ref``/``p_small`` — the target is
+      then the tilt of the tempered sampler, ``target`` itself.
+
+    Autoregressive targets with ``truncation="stop"`` only. Each law is conditional on success,
+    as in :func:`ets_law`.
+    """
+    if is_masked_diffusion(target.policy):
+        raise ValueError("ets_law_reference models the autoregressive reference code only")
+    if target.truncation != "stop":
+        raise ValueError(f"ets_law_reference needs truncation='stop', got {target.truncation!r}")
+    base = _model(target, block_size, 1.0, proposal, None, is_log_ratio_clip, "rollouts")
+    for name, policy in (
+        ("ratio_numerator", ratio_numerator),
+        ("ratio_denominator", ratio_denominator),
+    ):
+        if policy is not None and getattr(policy, "vocab_size", None) != target.vocab_size:
+            raise ValueError(f"{name} must be a policy over the target's vocabulary")
+    numerator = target.policy if ratio_numerator is None else ratio_numerator
+    denominator = (
+        (target.policy if proposal is None else proposal)
+        if ratio_denominator is None
+        else ratio_denominator
+    )
+    model = _ReferenceArModel(target, base.cfg, numerator, denominator, bool(ratio_over_block))
+    k = validation.positive_int("num_rollouts", num_rollouts)
+    memo: dict[tuple[Key, int], Expansion] = {}
+    return [
+        _compose(model, memo, validation.positive_int("num_candidates", m), k, grid_step)
+        for m in num_candidates
+    ]
+
+
+# ----------------------------------------------------------------------------- energy estimates
+class EnergyEstimateLaw(NamedTuple):
+    r"""The law of one rollout term ``Y`` of a candidate's energy estimate ``Ê = mean_K(Y)``."""
+
+    state: Key
+    """The candidate (prefix or masked-diffusion state) whose energy is estimated."""
+    guidance_step: int
+    log_energy: float
+    """Exact ``log E(c)`` under ``p_ref`` (``E[Y]`` when the IS ratio is exact and unclipped)."""
+    probs: Tensor
+    """``[Z]`` probabilities of the rollout values."""
+    log_values: Tensor
+    """``[Z]`` ``log Y`` (``-inf`` for ``Y = 0``)."""
+
+
+def energy_estimate_laws(
+    target: TiltedTarget,
+    *,
+    block_size: int | None = None,
+    temperature: float = 1.0,
+    proposal: Any = None,
+    proposal_temperature: float | None = None,
+    is_log_ratio_clip: float | None = None,
+) -> list[EnergyEstimateLaw]:
+    r"""The exact law of one rollout term ``Y`` for every incomplete candidate of the ETS tree.
+
+    Walks every state the chain can reach (every guidance step) and returns, for each incomplete
+    candidate ``c``, the finite law of ``Y = ρ(z) e^{log_tilt(z)}``, ``z ~ q_roll(·|c)``, and its
+    exact energy — the input of ETS-IS Proposition 4's tail ``P(|E − Ê| > t)``, see
+    :class:`MeanLaw`. Parameters as in :func:`ets_step_law`.
+    """
+    model = _model(
+        target,
+        block_size,
+        temperature,
+        proposal,
+        proposal_temperature,
+        is_log_ratio_clip,
+        "rollouts",
+    )
+    out: list[EnergyEstimateLaw] = []
+    layer: list[Key] = [model.root()]
+    for i in range(1, model.cfg.num_steps + 1):
+        nxt: list[Key] = []
+        for x in layer:
+            exp = model.expand(x, i)
+            n = len(exp.keys)
+            log_pi = exp.log_pi - scatter_logsumexp(exp.log_pi, exp.owner, n)[exp.owner]
+            for c, (key, done_) in enumerate(zip(exp.keys, exp.complete, strict=True)):
+                if done_:
+                    continue
+                sel = exp.owner == c
+                out.append(
+                    EnergyEstimateLaw(
+                        key,
+                        i,
+                        float(exp.log_energy[c]),
+                        torch.exp(log_pi[sel]),
+                        exp.log_y[sel].clone(),
+                    )
+                )
+                nxt.append(key)
+        layer = nxt
+    return out
+
+
+class MeanLaw:
+    r"""Certified bounds on the law of the mean of ``K`` i.i.d. draws of a finite ``Y >= 0``.
+
+    The values are rounded down and up to a grid of step ``h = max(Y)/cells``, so that
+    ``S_down <= S = Σ_k Y_k <= S_up`` surely; the laws of ``S_down/h`` and ``S_up/h`` are exact
+    ``K``-fold convolutions on the integers (direct sums, no FFT). Every tail probability of the
+    mean is then bracketed: ``P(S > a) ∈ [P(S_down > a), P(S_up > a)]`` and
+    ``P(S < b) ∈ [P(S_up < b), P(S_down < b)]``. The bracket's width is the numerical noise
+    floor of the measurement (shrinks like ``1/cells``); it is exact, not a sampling error.
+    """
+
+    def __init__(
+        self, probs: Tensor, log_values: Tensor, num_draws: int, cells: int = 2048
+    ) -> None:
+        import numpy as np
+
+        self.k = validation.positive_int("num_draws", num_draws)
+        cells = validation.positive_int("cells", cells)
+        p = probs.to(torch.float64).numpy()
+        if not (p.min() >= 0 and abs(p.sum() - 1.0) < 1e-9):
+            raise ValueError("probs must be a probability vector")
+        lv = log_values.to(torch.float64).numpy()
+        top = float(lv.max())
+        self.scale = math.exp(top) if top > -math.inf else 1.0
+        v = np.exp(lv - top) if top > -math.inf else np.zeros_like(lv)  # in [0, 1]
+        self.mean = float((p * v).sum()) * self.scale
+        self.h = self.scale / cells
+        lo = np.floor(v * cells).astype(np.int64)
+        hi = np.ceil(v * cells).astype(np.int64)
+        self.down = self._convolve(p, lo)
+        self.up = self._convolve(p, hi)
+        self._sf_down = np.cumsum(self.down[::-1])[::-1]
+        self._sf_up = np.cumsum(self.up[::-1])[::-1]
+        self._cdf_down = np.cumsum(self.down)
+        self._cdf_up = np.cumsum(self.up)
+
+    def _convolve(self, p: Any, idx: Any) -> Any:
+        import numpy as np
+
+        single: dict[int, float] = {}
+        for j, pj in zip(idx.tolist(), p.tolist(), strict=True):
+            if pj > 0:
+                single[j] = single.get(j, 0.0) + pj
+        pmf = np.ones(1)
+        for _ in range(self.k):
+            new = np.zeros(len(pmf) + max(single))
+            for j, pj in single.items():
+                new[j : j + len(pmf)] += pj * pmf
+            pmf = new
+        return pmf
+
+    @staticmethod
+    def _above(sf: Any, threshold: float) -> float:
+        """``P(index > threshold)`` from a survival array."""
+        first = max(0, math.floor(threshold) + 1)
+        return float(sf[first]) if first < len(sf) else 0.0
+
+    @staticmethod
+    def _below(cdf: Any, threshold: float) -> float:
+        """``P(index < threshold)`` from a cdf array."""
+        last = math.ceil(threshold) - 1
+        if last < 0:
+            return 0.0
+        return float(cdf[min(last, len(cdf) - 1)])
+
+    def tail(self, center: float, radius: float) -> tuple[float, float]:
+        """``[lower, upper]`` bounds on ``P(|mean_K(Y) − center| > radius)``."""
+        if radius < 0:
+            raise ValueError(f"radius must be >= 0, got {radius}")
+        a = self.k * (center + radius) / self.h
+        b = self.k * (center - radius) / self.h
+        lower = self._above(self._sf_down, a) + self._below(self._cdf_up, b)
+        upper = self._above(self._sf_up, a) + self._below(self._cdf_down, b)
+        return min(lower, 1.0), min(upper, 1.0)
+
+    def radius(self, center: float, delta: float) -> tuple[float, float]:
+        """Bracket of the exact ``(1 − δ)``-quantile ``inf{r: P(|mean − center| > r) <= δ}``."""
+        delta = validation.unit_interval("delta", delta, closed=False)
+        top = abs(center) + self.scale + self.h
+
+        def search(side: int) -> float:
+            lo, hi = 0.0, top
+            if self.tail(center, 0.0)[side] <= delta:
+                return 0.0
+            for _ in range(60):
+                mid = 0.5 * (lo + hi)
+                if self.tail(center, mid)[side] <= delta:
+                    hi = mid
+                else:
+                    lo = mid
+            return hi
+
+        return search(0), search(1)
 
 
 def rao_blackwell_law(samples: SampleSet, target: TiltedTarget) -> dict[Seq, float]:

@@ -134,7 +134,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from tiltsample.theory.rates import run_verify
 
     only = args.only.split(",") if args.only else None
-    results = run_verify(args.profile, args.out, only=only, progress=not args.no_progress)
+    results = run_verify(
+        args.profile, args.out, only=only, progress=not args.no_progress, docs=args.docs
+    )
     rows = [{"": r.key, "measured": r.measured, "rate": r.rate, "holds": r.holds} for r in results]
     print(format_table(rows, ["", "measured", "rate", "holds"]))
     print(f"report: {args.out}/{args.profile}/report.md")
@@ -250,6 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_verify.add_argument("--out", default="results/verify", help="output folder")
     p_verify.add_argument("--only", help="comma-separated experiment keys (default: all)")
     p_verify.add_argument("--no-progress", action="store_true")
+    p_verify.add_argument(
+        "--docs",
+        help="also regenerate the docs from this run: DOCS/theory.md (between its markers), "
+        "DOCS/verify_report.md and DOCS/figures/verify/ (e.g. --profile full --docs docs)",
+    )
     p_verify.set_defaults(func=_cmd_verify)
 
     p_demo = sub.add_parser(

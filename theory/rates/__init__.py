@@ -11,7 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from tiltsample.theory.rates.core import CellCache, ExperimentResult, SlopeFit, fit_loglog_slope
+from tiltsample.theory.rates.core import (
+    CellCache,
+    ExperimentResult,
+    SlopeFit,
+    bound_violations,
+    fit_loglog_slope,
+)
 from tiltsample.theory.rates.experiments import (
     best_of_n_limit,
     imh_geometric,
@@ -51,14 +57,18 @@ __all__ = [
     "CellCache",
     "ExperimentResult",
     "SlopeFit",
+    "bound_violations",
     "fit_loglog_slope",
     "render_report",
     "run_verify",
 ]
 
 
-def render_report(results: list[ExperimentResult], profile: str) -> str:
-    """The Markdown report: one table row per experiment, then each experiment's rows."""
+def render_report(results: list[ExperimentResult], profile: str, figure_prefix: str = "") -> str:
+    """The Markdown report: one table row per experiment, then each experiment's rows.
+
+    Figures are linked as ``figure_prefix + file name`` (next to the report by default).
+    """
     lines = [
         f"# Verification report ({profile} profile)",
         "",
@@ -71,7 +81,7 @@ def render_report(results: list[ExperimentResult], profile: str) -> str:
     for r in results:
         lines += ["", f"## ({r.key}) {r.title}", ""]
         if r.figure:
-            lines += [f"![{r.key}]({Path(r.figure).name})", ""]
+            lines += [f"![{r.key}]({figure_prefix}{Path(r.figure).name})", ""]
         if r.rows:
             keys = list(dict.fromkeys(k for row in r.rows for k in row))
             lines.append("| " + " | ".join(keys) + " |")
@@ -91,9 +101,17 @@ def run_verify(
     out_dir: str | Path = "results/verify",
     only: list[str] | None = None,
     progress: bool | None = None,
+    docs: str | Path | None = None,
 ) -> list[ExperimentResult]:
-    """Run the experiments, write figures, ``cells.jsonl`` and ``report.md``; return the results."""
+    """Run the experiments, write figures, ``cells.jsonl`` and ``report.md``; return the results.
+
+    With ``docs`` (e.g. ``"docs"``), also regenerate the documentation from this run
+    (:func:`~tiltsample.theory.rates.docs.write_docs`): the figures in
+    ``<docs>/figures/verify/``, ``<docs>/verify_report.md`` and the generated section of
+    ``<docs>/theory.md``.
+    """
     import sys
+    import time
 
     from tqdm.auto import tqdm
 
@@ -103,12 +121,23 @@ def run_verify(
     keys = list(EXPERIMENTS) if only is None else only
     for k in keys:
         validation.one_of("experiment", k, EXPERIMENTS)
+    if docs is not None and set(keys) != set(EXPERIMENTS):
+        raise ValueError("docs: the documentation needs every experiment; drop `only`")
     out = Path(out_dir) / profile
     out.mkdir(parents=True, exist_ok=True)
     cache = CellCache(out / "cells.jsonl")
+    cached = len(cache)
     show = sys.stderr.isatty() if progress is None else progress
+    start = time.perf_counter()
     results = []
-    for key in tqdm(keys, desc="verify", disable=not show):
+    bar = tqdm(keys, desc="verify", disable=not show)
+    for key in bar:
+        bar.set_postfix_str(key)
         results.append(EXPERIMENTS[key](profile, cache, out))
+    elapsed = time.perf_counter() - start
     (out / "report.md").write_text(render_report(results, profile))
+    if docs is not None:
+        from tiltsample.theory.rates.docs import write_docs
+
+        write_docs(results, profile, docs, elapsed, (len(cache) - cached, len(cache)))
     return results

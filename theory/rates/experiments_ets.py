@@ -37,6 +37,7 @@ from tiltsample.theory import bounds
 from tiltsample.theory.rates.core import (
     CellCache,
     ExperimentResult,
+    bound_violations,
     cell_key,
     finite_or_inf,
     fit_loglog_slope,
@@ -155,6 +156,32 @@ def _finite(value: float | str) -> bool:
     return not isinstance(value, str) and math.isfinite(value)
 
 
+def _two_panels(
+    left: tuple[str, str, str], right: tuple[str, str, str]
+) -> tuple[Any, tuple[Any, Any]]:
+    """A two-panel matplotlib figure (Agg backend); each panel ``(title, xlabel, ylabel)``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, (title, xlabel, ylabel) in zip(axes, (left, right), strict=True):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+    return fig, (axes[0], axes[1])
+
+
+def _log_ticks(ticks: list[int], *axes: Any) -> None:
+    """Label a log x-axis at ``ticks`` only (no crowded minor labels)."""
+    from matplotlib.ticker import NullFormatter
+
+    for ax in axes:
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+
+
 # ----------------------------------------------------------------------------- (a)
 def ets_tv_vs_m_exact(profile: str, cache: CellCache, out: Path) -> ExperimentResult:
     """(a) ETS TV vs ``M`` at fixed ``I`` with exact (oracle) energies."""
@@ -176,13 +203,12 @@ def ets_tv_vs_m_exact(profile: str, cache: CellCache, out: Path) -> ExperimentRe
         )
     tail = [r for r in rows if r["M"] >= 16]
     fit = fit_loglog_slope([r["M"] for r in tail], [r["tv_exact_law"] for r in tail])
-    rho_ok = all(r["tv_exact_law"] <= r["rho_bound"] + 1e-12 for r in rows)
-    prop_ok = all(
-        r["tv_exact_law"] <= r[k]
-        for r in rows
-        for k in ("prop3_published", "prop3_corrected", "prop3_corrected_floor1")
-        if _finite(r[k])
-    )
+    pairs = [
+        ("tv_exact_law", k)
+        for k in ("rho_bound", "prop3_published", "prop3_corrected", "prop3_corrected_floor1")
+    ]
+    rho_ok = not bound_violations(rows, pairs[:1])
+    prop_ok = not bound_violations(rows, pairs[1:])
     first_finite = {
         k: next((r["M"] for r in rows if _finite(r[k]) and r[k] < 1), "none")
         for k in ("prop3_published", "prop3_corrected", "prop3_corrected_floor1")
@@ -225,6 +251,7 @@ def ets_tv_vs_m_exact(profile: str, cache: CellCache, out: Path) -> ExperimentRe
         figure=save_figure(fig, out / "a_ets_tv_vs_m.png"),
         holds=rho_ok and prop_ok,
         fit=fit,
+        bound_pairs=pairs,
     )
 
 
@@ -262,7 +289,8 @@ def ets_tv_vs_k(profile: str, cache: CellCache, out: Path) -> ExperimentResult:
                 }
             )
         fits[str(k)] = fit_loglog_slope(ms[-4:], tvs[-4:])
-    rho_ok = all(r["tv_exact_law"] <= r["rho_bound"] + 1e-12 for r in rows)
+    pairs = [("tv_exact_law", "rho_bound")]
+    rho_ok = not bound_violations(rows, pairs)
     no_floor = all(f.high < -0.5 for f in fits.values())
     at_max = {r["K"]: r["tv_exact_law"] for r in rows if r["M"] == ms[-1]}
     mc = [at_max[str(k)] for k in ks if k != "exact"]
@@ -296,6 +324,7 @@ def ets_tv_vs_k(profile: str, cache: CellCache, out: Path) -> ExperimentResult:
         figure=save_figure(fig, out / "b_ets_tv_vs_k.png"),
         holds=rho_ok,
         fit=fits["1"],
+        bound_pairs=pairs,
     )
 
 
@@ -335,7 +364,9 @@ def ets_tv_vs_i(profile: str, cache: CellCache, out: Path) -> ExperimentResult:
                     "prop3_published": finite_or_inf(published),
                 }
             )
-    rho_ok = all(r["tv_exact_law"] <= r["rho_bound"] + 1e-12 for r in rows)
+    pairs = [("tv_exact_law", "rho_bound"), ("tv_exact_law", "prop3_published")]
+    rho_ok = not bound_violations(rows, pairs[:1])
+    prop_ok = not bound_violations(rows, pairs[1:])
     shapes = {}
     for k in ks:
         tvs = [r["tv_exact_law"] for r in rows if r["K"] == str(k)]
@@ -367,11 +398,13 @@ def ets_tv_vs_i(profile: str, cache: CellCache, out: Path) -> ExperimentResult:
             "TV vs I measured (no direction assumed): "
             + "; ".join(f"K = {k} {s.split(',')[0]}" for k, s in shapes.items())
             + ("; §8.2 bound holds" if rho_ok else "; §8.2 bound VIOLATED")
+            + ("; Prop. 3 holds where finite" if prop_ok else "; Prop. 3 VIOLATED")
         ),
         rows=rows,
         figure=save_figure(fig, out / "c_ets_tv_vs_i.png"),
-        holds=rho_ok,
+        holds=rho_ok and prop_ok,
         fit=fit,
+        bound_pairs=pairs,
     )
 
 
@@ -405,6 +438,54 @@ def _theorem1(steps: int, m: int, k: int, lam: float, big_l: float, z: float, ep
     return bounds.ets_theorem1(steps, m, k, D_BINARY, lam, big_l, eps, z)
 
 
+PROP4_DELTA = 0.05
+PROP4_CELLS = 2048
+
+
+def _prop4_cell(seed: int, scale: float, k: int, lam: float) -> dict[str, float]:
+    r"""ETS-IS Prop. 4 at every state of the ``d = 3`` toy: the worst state's exact tail.
+
+    For every incomplete candidate ``c`` (every guidance step) the law of ``Ê(c) = mean_K(Y)`` is
+    bracketed by :class:`~tiltsample.theory.ets_laws.MeanLaw` (certified, grid ``max Y/2048``);
+    returned are the maxima over states of ``P(|Ê − E| > radius)`` at Prop. 4's radius and at the
+    state-range Hoeffding radius, and of the exact ``(1 − δ)``-quantile of ``|Ê − E|``.
+    """
+    from tiltsample.theory.ets_laws import MeanLaw, energy_estimate_laws
+
+    target = _ar_target(seed, 3, 3, lam)
+    prop = _perturbed(target, 9, scale)
+    big_l = likelihood_ratio_bound(target, prop)
+    radius = bounds.ets_prop4(big_l, D_BINARY, lam, k, PROP4_DELTA)
+    worst = {
+        "prop4_radius": radius,
+        "tail_at_prop4_lo": 0.0,
+        "tail_at_prop4_hi": 0.0,
+        "hoeffding_state_radius": 0.0,
+        "tail_at_hoeffding_hi": 0.0,
+        "measured_radius_lo": 0.0,
+        "measured_radius_hi": 0.0,
+        "states": 0.0,
+    }
+    for law in energy_estimate_laws(target, block_size=1, proposal=prop):
+        y = torch.exp(law.log_values)
+        energy = math.exp(law.log_energy)
+        mean_law = MeanLaw(law.probs, law.log_values, k, PROP4_CELLS)
+        lo, hi = mean_law.tail(energy, radius)
+        h_radius = bounds.hoeffding_radius(float(y.max() - y.min()), k, PROP4_DELTA)
+        r_lo, r_hi = mean_law.radius(energy, PROP4_DELTA)
+        for key, value in (
+            ("tail_at_prop4_lo", lo),
+            ("tail_at_prop4_hi", hi),
+            ("hoeffding_state_radius", h_radius),
+            ("tail_at_hoeffding_hi", mean_law.tail(energy, h_radius)[1]),
+            ("measured_radius_lo", r_lo),
+            ("measured_radius_hi", r_hi),
+        ):
+            worst[key] = max(worst[key], value)
+        worst["states"] += 1
+    return worst
+
+
 def ets_is(profile: str, cache: CellCache, out: Path) -> ExperimentResult:
     """(d) ETS-IS TV vs ``K`` and vs the likelihood-ratio bound ``L`` of a perturbed proposal."""
     full = profile == "full"
@@ -429,6 +510,12 @@ def ets_is(profile: str, cache: CellCache, out: Path) -> ExperimentResult:
                 cell_key("d-rho", scale=scale, k=k, lam=lam), partial(_rho_sum, target, **params)
             )
             thm1 = _min_over_eps(partial(_theorem1, steps, m, k, lam, big_l, z))
+            tail = cache.get_or_run(
+                cell_key(
+                    "d-prop4", scale=scale, k=k, lam=lam, delta=PROP4_DELTA, cells=PROP4_CELLS
+                ),
+                partial(_prop4_cell, 8, scale, k, lam),
+            )
             rows.append(
                 {
                     "scale": scale,
@@ -438,8 +525,11 @@ def ets_is(profile: str, cache: CellCache, out: Path) -> ExperimentResult:
                     "tv_exact_law": value,
                     "rho_bound": min(1.0, rho / m),
                     "theorem1": finite_or_inf(thm1),
+                    "delta": PROP4_DELTA,
                 }
+                | {key: v for key, v in tail.items() if key != "states"}
             )
+            n_states = int(tail["states"])
     # M-rate at the strongest perturbation, K = 1: consistent as M grows?
     ms = [16, 32, 64, 128, 256] + ([512, 1024] if full else [])
     prop = _perturbed(target, 9, scales[-1])
@@ -448,42 +538,79 @@ def ets_is(profile: str, cache: CellCache, out: Path) -> ExperimentResult:
         partial(_tvs, target, ms, block_size=1, num_rollouts=1, proposal=prop),
     )
     fit = fit_loglog_slope(ms[-4:], m_tvs[-4:])
-    rho_ok = all(r["tv_exact_law"] <= r["rho_bound"] + 1e-12 for r in rows)
-    thm_ok = all(r["tv_exact_law"] <= r["theorem1"] for r in rows if _finite(r["theorem1"]))
+    pairs = [
+        ("tv_exact_law", "rho_bound"),
+        ("tv_exact_law", "theorem1"),
+        ("tail_at_prop4_hi", "delta"),
+        ("tail_at_hoeffding_hi", "delta"),
+        ("measured_radius_lo", "prop4_radius"),
+    ]
+    violations = bound_violations(rows, pairs)
+    rho_ok = not bound_violations(rows, pairs[:1])
+    thm_ok = not bound_violations(rows, pairs[1:2])
+    prop4_ok = not bound_violations(rows, pairs[2:])
     n_finite = sum(_finite(r["theorem1"]) and r["theorem1"] < 1 for r in rows)
-    fig, ax = new_figure(f"(d) ETS-IS at M = {m}: TV vs K", "rollouts K", "TV(law, pi)")
+    small_l = [r for r in rows if r["scale"] == scales[0]]
+    radius_fit = fit_loglog_slope(
+        [r["K"] for r in small_l], [r["measured_radius_hi"] for r in small_l]
+    )
+    slack = min(r["prop4_radius"] / r["measured_radius_hi"] for r in rows)
+    worst_tail = max(r["tail_at_prop4_hi"] for r in rows)
+    worst_h_tail = max(r["tail_at_hoeffding_hi"] for r in rows)
+    fig, (ax, ax2) = _two_panels(
+        (f"(d) ETS-IS at M = {m}: TV vs K", "rollouts K", "TV(law, pi)"),
+        ("(d) Prop. 4: radius of |E − Ê| at δ = 0.05 (worst state)", "rollouts K", "radius"),
+    )
     for scale in scales:
         sel = [r for r in rows if r["scale"] == scale]
-        ax.loglog(
-            [r["K"] for r in sel],
-            [r["tv_exact_law"] for r in sel],
-            "o-",
-            label=f"L = {sel[0]['L']:.2f}",
-        )
-        ax.loglog([r["K"] for r in sel], [r["rho_bound"] for r in sel], ":", color="gray")
+        label = f"L = {sel[0]['L']:.2f}"
+        ks_ = [r["K"] for r in sel]
+        ax.loglog(ks_, [r["tv_exact_law"] for r in sel], "o-", label=label)
+        ax.loglog(ks_, [r["rho_bound"] for r in sel], ":", color="gray")
+        line = ax2.loglog(ks_, [r["measured_radius_hi"] for r in sel], "o-", label=label)[0]
+        ax2.loglog(ks_, [r["prop4_radius"] for r in sel], "--", color=line.get_color())
+        ax2.loglog(ks_, [r["hoeffding_state_radius"] for r in sel], ":", color=line.get_color())
+    ax2.plot([], [], "k--", label="Prop. 4 (as published)")
+    ax2.plot([], [], "k:", label="Hoeffding, state's range")
+    ax.plot([], [], ":", color="gray", label="§8.2 bound rho/M")
     ax.legend(fontsize=7)
+    ax2.legend(fontsize=6)
+    _log_ticks(ks, ax, ax2)
     by_l = {r["L"]: r["tv_exact_law"] for r in rows if r["K"] == ks[0]}
     return ExperimentResult(
         key="d",
         title="ETS-IS: TV vs K and vs the likelihood-ratio bound L",
-        result="ETS Prop. 4 / Theorem 1 (A1, A3, A4) and specs/ets.md §8.2 (rho includes the IS "
-        "variance)",
-        bound=f"Thm 1: Õ(I/sqrt(M) + I/sqrt(K)), min over eps; below 1 in {n_finite}/{len(rows)} "
-        "cells; §8.2: rho(K, L)/M",
-        measured=f"M = {m}, K = 1: "
+        result="ETS Prop. 4 (tail of /E − Ê_small/, A1, A3) / Theorem 1 (A1, A3, A4) and "
+        "specs/ets.md §8.2 (rho includes the IS variance)",
+        bound=f"Prop. 4: /E − Ê/ <= L e^(D/lam) sqrt(log(2/δ)/(2K)) w.p. >= 1 − δ (δ = "
+        f"{PROP4_DELTA}); Thm 1: Õ(I/sqrt(M) + I/sqrt(K)), min over eps; below 1 in "
+        f"{n_finite}/{len(rows)} cells; §8.2: rho(K, L)/M",
+        measured=f"Prop. 4 (exact tails at all {n_states} states, certified to a grid of "
+        f"max Y/{PROP4_CELLS}): worst P(/E − Ê/ > radius) = {worst_tail:.2g} at the published "
+        f"radius, {worst_h_tail:.2g} at the state-range Hoeffding radius (δ = {PROP4_DELTA}); "
+        f"published radius / measured 95% radius >= {slack:.1f}. TV at M = {m}, K = 1: "
         + ", ".join(f"L = {lv:.2f}: {tvv:.3g}" for lv, tvv in by_l.items())
         + f"; K = {ks[-1]}: "
         + ", ".join(f"{r['tv_exact_law']:.3g}" for r in rows if r["K"] == ks[-1]),
-        rate=f"TV vs M at L = {max(by_l):.2f}, K = 1: slope {fit} (consistent, no K floor)",
+        rate=f"measured 95% radius vs K at L = {small_l[0]['L']:.2f}: slope {radius_fit} "
+        f"(Prop. 4: −1/2); TV vs M at L = {max(by_l):.2f}, K = 1: slope {fit} (consistent, no "
+        "K floor)",
         verdict=(
-            ("§8.2 bound holds; " if rho_ok else "§8.2 bound VIOLATED; ")
+            (
+                f"Prop. 4 holds at every state, K and L (loose: radius ≥ {slack:.0f}× the "
+                "measured one); "
+                if prop4_ok
+                else "Prop. 4 VIOLATED; "
+            )
+            + ("§8.2 bound holds; " if rho_ok else "§8.2 bound VIOLATED; ")
             + ("Thm 1 holds where finite" if thm_ok else "Thm 1 VIOLATED")
             + ("" if n_finite else " (but >= 1, i.e. vacuous, in every cell: its 4I exp(...) term)")
         ),
         rows=rows + [{"M": mm, "tv_K1_strongest": t} for mm, t in zip(ms, m_tvs, strict=True)],
         figure=save_figure(fig, out / "d_ets_is.png"),
-        holds=rho_ok and thm_ok,
+        holds=not violations,
         fit=fit,
+        bound_pairs=pairs,
     )
 
 
@@ -552,10 +679,20 @@ def _lse(values: list[float]) -> float:
     return top + math.log(math.fsum(math.exp(v - top) for v in values))
 
 
-def _deviation_limits(seed: int, scale: float, temperature: float) -> dict[str, float]:
-    """TV to the target of each ``M → ∞`` limit law (consistent variant and deviations)."""
-    from tiltsample.theory import tv
+DEVIATIONS = ("block", "mismatch", "both")
+"""The reference-code IS-ratio deviations of ``specs/ets.md`` §11 items 2–3 measured in (f)."""
 
+
+def _deviation_setup(
+    seed: int, scale: float, temperature: float
+) -> dict[str, tuple[str, dict[Seq, float], TiltedTarget, dict[str, Any]]]:
+    r"""Each variant: ``(label, M = ∞ limit law, the target it is measured against, kwargs)``.
+
+    ``kwargs`` are those of :func:`~tiltsample.theory.ets_laws.ets_law_reference` (``B = 1``,
+    ``K = 1``) giving the variant's exact finite-``M`` law. The temperature-mismatch variants
+    sample candidates and rollouts at ``t`` (tempered tables) with ratios from the untempered
+    log-probs, and are measured against the tilt of the tempered sampler (``specs/ets.md`` §1).
+    """
     target = _ar_target(seed, 3, 3, 0.3)
     ref = target.policy
     small = _perturbed(target, 9, scale)
@@ -576,20 +713,63 @@ def _deviation_limits(seed: int, scale: float, temperature: float) -> dict[str, 
 
         return f
 
-    pi, pi_t = _pi(target), _pi(target_t)
-    consistent = _limit_law(target, lp(ref), plus(lp(small), lp(ref), minus=lp(small)))
-    block = _limit_law(target, plus(lp(ref), lp(ref), minus=lp(small)), lp(ref))
-    mismatch = _limit_law(target_t, lp(ref_t), plus(lp(small_t), lp(ref), minus=lp(small)))
-    both = _limit_law(
-        target_t,
-        plus(lp(ref_t), lp(ref), minus=lp(small)),
-        plus(lp(small_t), lp(ref), minus=lp(small)),
-    )
+    base: dict[str, Any] = {"block_size": 1, "num_rollouts": 1}
+    untempered = {"ratio_numerator": ref, "ratio_denominator": small}
     return {
-        "consistent ETS-IS (M = inf)": tv(consistent, pi),
-        "IS ratio over the candidate block (M = inf)": tv(block, pi),
-        f"temperature mismatch t = {temperature} (M = inf)": tv(mismatch, pi_t),
-        "block ratio + temperature mismatch (M = inf)": tv(both, pi_t),
+        "consistent": (
+            "consistent ETS-IS",
+            _limit_law(target, lp(ref), plus(lp(small), lp(ref), minus=lp(small))),
+            target,
+            base | {"target": target, "proposal": small},
+        ),
+        "block": (
+            "IS ratio over the candidate block",
+            _limit_law(target, plus(lp(ref), lp(ref), minus=lp(small)), lp(ref)),
+            target,
+            base | {"target": target, "proposal": small, "ratio_over_block": True},
+        ),
+        "mismatch": (
+            f"temperature mismatch t = {temperature}",
+            _limit_law(target_t, lp(ref_t), plus(lp(small_t), lp(ref), minus=lp(small))),
+            target_t,
+            base | {"target": target_t, "proposal": small_t} | untempered,
+        ),
+        "both": (
+            "block ratio + temperature mismatch",
+            _limit_law(
+                target_t,
+                plus(lp(ref_t), lp(ref), minus=lp(small)),
+                plus(lp(small_t), lp(ref), minus=lp(small)),
+            ),
+            target_t,
+            base | {"target": target_t, "proposal": small_t, "ratio_over_block": True} | untempered,
+        ),
+    }
+
+
+def _deviation_limits(seed: int, scale: float, temperature: float) -> dict[str, float]:
+    """TV to the target of each ``M → ∞`` limit law (consistent variant and deviations)."""
+    from tiltsample.theory import tv
+
+    return {
+        f"{label} (M = inf)": tv(limit, _pi(measured))
+        for label, limit, measured, _ in _deviation_setup(seed, scale, temperature).values()
+    }
+
+
+def _deviation_curve(
+    seed: int, scale: float, temperature: float, name: str, ms: list[int]
+) -> dict[str, list[float]]:
+    """Exact finite-``M`` laws of one deviation: TV to the target and to its own ``M = ∞`` law."""
+    from tiltsample.theory import tv
+    from tiltsample.theory.ets_laws import ets_law_reference
+
+    _, limit, measured, kwargs = _deviation_setup(seed, scale, temperature)[name]
+    laws = ets_law_reference(num_candidates=ms, **kwargs)
+    pi = _pi(measured)
+    return {
+        "tv": [tv(law.law, pi) for law in laws],
+        "tv_to_limit": [tv(law.law, limit) for law in laws],
     }
 
 
@@ -629,6 +809,29 @@ def ets_reference_deviations(profile: str, cache: CellCache, out: Path) -> Exper
         cell_key("f-limits", scale=scale, t=temperature, lam=lam),
         partial(_deviation_limits, 8, scale, temperature),
     )
+    labels = {
+        name: label for name, (label, *_rest) in _deviation_setup(8, scale, temperature).items()
+    }
+    dev_curves: dict[str, dict[str, list[float]]] = {}
+    dev_fits = {}
+    for name in DEVIATIONS:
+        curve = cache.get_or_run(
+            cell_key("f-dev", name=name, ms=ms, scale=scale, t=temperature, lam=lam),
+            partial(_deviation_curve, 8, scale, temperature, name, ms),
+        )
+        dev_curves[name] = curve
+        limit_tv = limits[f"{labels[name]} (M = inf)"]
+        for m, value, to_limit in zip(ms, curve["tv"], curve["tv_to_limit"], strict=True):
+            rows.append(
+                {
+                    "deviation": labels[name],
+                    "M": m,
+                    "tv_exact_law": value,
+                    "tv_to_own_limit": to_limit,
+                    "gap_to_limit_tv": abs(value - limit_tv),
+                }
+            )
+        dev_fits[name] = fit_loglog_slope(ms, curve["tv_to_limit"])
     for name, value in limits.items():
         rows.append({"deviation": name, "M": "inf", "tv_exact_law": value})
     rows.append(
@@ -639,18 +842,37 @@ def ets_reference_deviations(profile: str, cache: CellCache, out: Path) -> Exper
             "(the vote itself: experiment j)",
         }
     )
+    pairs = [("gap_to_limit_tv", "tv_to_own_limit")]  # triangle inequality, exact laws
     unclipped_fit = fit_loglog_slope(ms, curves[None])
     consistent = next(v for k, v in limits.items() if k.startswith("consistent"))
     floors = {c: curves[c][-1] / curves[c][-2] for c in clips if c is not None}
-    holds = consistent < 1e-12 and unclipped_fit.high < -0.5
-    fig, ax = new_figure("(f) reference-code deviations: TV vs M", "candidates M", "TV(law, pi)")
+    to_limit_ok = all(f.high < -0.5 for f in dev_fits.values())
+    holds = (
+        consistent < 1e-12
+        and unclipped_fit.high < -0.5
+        and to_limit_ok
+        and not bound_violations(rows, pairs)
+    )
+    fig, (ax, ax2) = _two_panels(
+        ("(f) reference-code deviations: TV to the target", "candidates M", "TV(law_M, pi)"),
+        ("(f) distance to the variant's own M = ∞ law", "candidates M", "TV(law_M, law_inf)"),
+    )
     for clip in clips:
         ax.loglog(ms, curves[clip], "o-", label=f"clip ±{clip}" if clip else "no clipping")
-    for name, value in limits.items():
-        if value > 1e-12:
-            ax.axhline(value, ls=":", lw=0.8, label=name, color="gray" if "+" in name else None)
+    ax2.loglog(ms, curves[None], "o-", label="no clipping (its limit is pi)")
+    for name in DEVIATIONS:
+        line = ax.loglog(ms, dev_curves[name]["tv"], "s-", label=labels[name])[0]
+        ax.axhline(limits[f"{labels[name]} (M = inf)"], ls=":", lw=0.8, color=line.get_color())
+        ax2.loglog(
+            ms, dev_curves[name]["tv_to_limit"], "s-", color=line.get_color(), label=labels[name]
+        )
+    ax.plot([], [], ":", color="gray", label="M = inf limit (same colour)")
     ax.legend(fontsize=6)
+    ax2.loglog(ms, [ms[0] * curves[None][0] / m for m in ms], ":", color="gray", label="∝ 1/M")
+    ax2.legend(fontsize=6)
+    _log_ticks(ms, ax, ax2)
     dev = {k.split(" (")[0]: v for k, v in limits.items()}
+    at_max = {labels[n]: dev_curves[n]["tv"][-1] for n in DEVIATIONS}
     return ExperimentResult(
         key="f",
         title="Reference-code deviations (specs/ets.md §11)",
@@ -658,20 +880,33 @@ def ets_reference_deviations(profile: str, cache: CellCache, out: Path) -> Exper
         "temperature mismatch, majority vote",
         bound="as specified: consistent (TV → 0 as M → ∞)",
         measured=f"unclipped ETS-IS → 0 (TV {curves[None][-1]:.2g} at M = {ms[-1]}); clip ±1: "
-        f"{curves[1.0][-1]:.3g}, clip ±0.2: {curves[0.2][-1]:.3g} at M = {ms[-1]}; M = ∞: "
+        f"{curves[1.0][-1]:.3g}, clip ±0.2: {curves[0.2][-1]:.3g} at M = {ms[-1]}; exact "
+        "finite-M laws: "
+        + ", ".join(
+            f"{k}: {dev_curves[n]['tv'][0]:.3g} (M = {ms[0]}) → {at_max[k]:.3g} (M = {ms[-1]})"
+            for n, k in labels.items()
+            if n in DEVIATIONS
+        )
+        + "; M = ∞: "
         + ", ".join(f"{k}: {v:.3g}" for k, v in dev.items() if not k.startswith("consistent")),
         rate=f"unclipped slope {unclipped_fit}; clipped: TV(M_max)/TV(M_prev) = "
-        + ", ".join(f"±{c}: {r:.2f}" for c, r in floors.items()),
+        + ", ".join(f"±{c}: {r:.2f}" for c, r in floors.items())
+        + "; TV(law_M, own M = ∞ law): "
+        + ", ".join(f"{labels[n]} {dev_fits[n]}" for n in DEVIATIONS),
         verdict=(
             "the specified ETS-IS is consistent; clipping, the block ratio and the temperature "
-            "mismatch each leave a floor (a different target) that no M removes"
+            "mismatch each leave a floor (a different target) that no M removes — at finite M "
+            "the block-ratio and mismatch laws converge at rate 1/M to their own M = ∞ laws, "
+            "whose TV to the target is the floor"
             if holds
-            else "the consistent variant does NOT converge"
+            else "the consistent variant does NOT converge, or a deviation does not approach "
+            "its M = ∞ law"
         ),
         rows=rows,
         figure=save_figure(fig, out / "f_ets_reference_deviations.png"),
         holds=holds,
         fit=unclipped_fit,
+        bound_pairs=pairs,
     )
 
 
@@ -712,8 +947,9 @@ def ets_cost(profile: str, cache: CellCache, out: Path) -> ExperimentResult:
                     "reference_worst_case": m * (1 + k * (steps + 1) / 2) * d,
                 }
             )
+    pairs = [("tokens_per_draw", "formula")]
     exact = all(r["tokens_per_draw"] == r["formula"] for r in rows if not r["eos"])
-    below = all(r["tokens_per_draw"] <= r["formula"] for r in rows if r["eos"])
+    below = not bound_violations(rows, pairs)
     fig, ax = new_figure("(g) ETS generated tokens vs the cost formula", "formula", "measured")
     ax.loglog(
         [r["formula"] for r in rows if not r["eos"]],
@@ -749,6 +985,7 @@ def ets_cost(profile: str, cache: CellCache, out: Path) -> ExperimentResult:
         rows=rows,
         figure=save_figure(fig, out / "g_ets_cost.png"),
         holds=exact and below,
+        bound_pairs=pairs,
     )
 
 
