@@ -3,9 +3,11 @@ r"""Conditional SMC, particle Gibbs and the two-sided bounds on ``log Z`` (``spe
 Conditional SMC (CSMC, ``csmc``)
     The SMC of :mod:`tiltsample.samplers.smc` with a *reference path* ``x*``: particle 0 of each
     run takes the tokens of ``x*`` instead of sampling them, and its weight is computed by the usual
-    formula; at each resampling particles ``1..N-1`` draw their ancestors multinomially from all
-    ``N`` particles while particle 0 keeps its own lineage (the conditional multinomial scheme; the
-    other schemes would need their conditional versions, so only ``multinomial`` is accepted).
+    formula; at each resampling particles ``1..N-1`` draw their ancestors from all ``N`` particles
+    while particle 0 keeps its own lineage: ``resampling=`` names the conditional version of an
+    SMC scheme (:data:`tiltsample.resampling.CONDITIONAL_SCHEMES`: ``multinomial``, the default,
+    and ``systematic``, ``stratified``, ``residual``, each the law of the symmetrised
+    unconditional scheme given that slot 0 keeps ancestor 0; Chopin & Singh 2015).
     ``log Ẑ_CSMC`` uses the same formula as ``log Ẑ``. Resampling times follow the same (symmetric)
     ESS rule as SMC; ``ess_threshold=1`` fixes them to every block.
 Particle Gibbs (``particle-gibbs``, a Markov sampler)
@@ -45,6 +47,7 @@ from tiltsample import validation
 from tiltsample.decoding import rows_to_seqs
 from tiltsample.enumeration import enumerate_target
 from tiltsample.proposal import propose
+from tiltsample.resampling import CONDITIONAL_SCHEMES
 from tiltsample.results import SampleSet
 from tiltsample.reward import PrefixPotential
 from tiltsample.sampler import ChainRecord, SamplingAlgorithm
@@ -74,12 +77,8 @@ INITS = ("proposal", "smc")
 
 def _check_conditional(params: dict[str, Any]) -> dict[str, Any]:
     params = dict(params)
-    scheme = params.setdefault("resampling", "multinomial")
-    if scheme != "multinomial":
-        raise ValueError(
-            "conditional SMC resamples with the conditional multinomial scheme: resampling must "
-            f"be 'multinomial', got {scheme!r}"
-        )
+    params.setdefault("resampling", "multinomial")
+    validation.one_of("resampling", params["resampling"], CONDITIONAL_SCHEMES)
     if params.get("num_moves", 0):
         raise ValueError("num_moves must be 0 for conditional SMC (no resample-move)")
     return params
@@ -533,7 +532,7 @@ def log_z_upper(
 
     ``exact_samples`` must be exact i.i.d. draws of ``pi`` (e.g. :func:`exact_references`,
     ``theory.exact_distribution(target).sample``); with other references the inequality does not
-    hold. The CSMC uses the conditional multinomial scheme.
+    hold. The CSMC uses the conditional version of ``resampling`` (default multinomial).
     """
     refs = target.check_sequences(list(exact_samples), name="exact_samples")
     if not refs:

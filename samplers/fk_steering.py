@@ -6,9 +6,19 @@ Target
     ``pi(x) ∝ p_ref(x) G(x)``, ``G = exp(log_tilt)``, where ``p_ref`` is the output law of the
     masked-diffusion base sampler (the network **and** its unmasking rule).
 Proposal
-    The base sampler itself: each particle runs ``denoise_step`` (``p/q = 1``), so the weights are
-    made of the potentials alone. Length convention ``truncation="stop"`` only: a response has
-    the fixed length ``L`` and is cut after its first EOS.
+    ``proposal="base"``: the base sampler itself: each particle runs ``denoise_step``
+    (``p/q = 1``), so the weights are made of the potentials alone. ``proposal="guided"``: the
+    locally optimal proposal of the twisted model over the next denoising step,
+    ``q(s'|s) ∝ p(s'|s) psi(s')`` with ``psi = exp(phi)`` (``G`` on complete states), for
+    policies that enumerate a step (``transitions(state, step)``: the masked-diffusion toy); the
+    weight gains ``log sum_{s'} p(s'|s) psi(s') - log psi(s)``, the difference potential's twist
+    (required). With exact energies every increment is deterministic: ``log Ẑ = log Z`` in every
+    run and the particles are exact draws of ``pi``.
+Length conventions
+    A response has the fixed length ``L`` and is cut after its first EOS. ``truncation="stop"``:
+    every response counts; ``"condition"``: a response without EOS has ``G = 0`` (weight 0; the
+    estimators' and the exact energies' ``G`` use the same convention), so the particles target
+    ``pi(x) ∝ p_ref(x) G(x) 1{x ends with EOS}``.
 Potentials
     Every ``resample_every`` denoising steps each particle gets an intermediate log-reward estimate
     ``phi_k`` of its partially masked state (below) and the potential ``G_k``:
@@ -18,7 +28,12 @@ Potentials
     ``max``        ``log G_k = max_{j <= k} phi_j``
     ``sum``        ``log G_k = sum_{j <= k} phi_j``
     ``immediate``  ``log G_k = phi_k`` (the paper's "r_t")
-    ``none``       ``log G_k = 0``: importance sampling, reweighted at the end
+    ``none``       ``log G_k = 0``: importance sampling, reweighted at the end (no resampling)
+    ``bon``        ``log G_k = 0`` (importance sampling: correct weights, i.i.d. particles) and
+                   each run's particles returned best first (final log-tilt; ties: lower index):
+                   particle 0 of a run is its best-of-``N`` selection, which is **not** a draw
+                   of ``pi`` (its exact law: ``theory.smc_exact.best_of_n_law``). The reference
+                   code's ``bon`` returns sorted particles likewise.
     ============== ===================================================================
 
     At the last step the potential is ``G(x) / prod_k G_k``, so the product of all potentials is
@@ -78,6 +93,7 @@ from tiltsample.types import Cost, Seq
 __all__ = [
     "ESTIMATORS",
     "POTENTIALS",
+    "PROPOSALS",
     "FKConfig",
     "FKInfo",
     "FKState",
@@ -90,8 +106,9 @@ __all__ = [
     "sampler",
 ]
 
-POTENTIALS = ("difference", "max", "sum", "immediate", "none")
+POTENTIALS = ("difference", "max", "sum", "immediate", "none", "bon")
 ESTIMATORS = ("greedy", "one-shot", "rollout")
+PROPOSALS = ("base", "guided")
 
 
 class FKConfig(NamedTuple):
@@ -102,6 +119,7 @@ class FKConfig(NamedTuple):
     ess_threshold: float
     resampling: str
     floor: float
+    proposal: str = "base"
 
 
 class FKState(NamedTuple):
@@ -143,8 +161,15 @@ def _config(
     ess_threshold: float,
     resampling: str,
     floor: float,
+    proposal: str = "base",
 ) -> FKConfig:
     potential = validation.one_of("potential", potential, POTENTIALS)
+    proposal = validation.one_of("proposal", proposal, PROPOSALS)
+    if proposal == "guided" and potential != "difference":
+        raise ValueError(
+            "proposal='guided' uses the twist psi = exp(phi) (the difference potential): "
+            f"potential must be 'difference', got {potential!r}"
+        )
     if isinstance(estimator, str):
         validation.one_of("estimator", estimator, ESTIMATORS)
     elif not callable(getattr(estimator, "log_potential_states", None)):
@@ -157,15 +182,14 @@ def _config(
     kappa = validation.unit_interval("ess_threshold", ess_threshold)
     scheme = validation.one_of("resampling", resampling, SCHEMES)
     floor = validation.positive_float("floor", floor)
-    return FKConfig(potential, estimator, k, every, kappa, scheme, floor)
+    return FKConfig(potential, estimator, k, every, kappa, scheme, floor, proposal)
 
 
-def _check_truncation(target: TiltedTarget) -> None:
-    if target.truncation != "stop":
-        raise ValueError(
-            "fk-steering needs truncation='stop': a masked-diffusion response has the fixed "
-            "length L, so a particle without EOS cannot be turned into a response of the "
-            "conditioned target (truncation='condition')"
+def _check_guided(target: TiltedTarget, config: FKConfig) -> None:
+    if config.proposal == "guided" and not callable(getattr(target.policy, "transitions", None)):
+        raise TypeError(
+            "proposal='guided' needs a policy that enumerates one denoising step "
+            "(transitions(state, step), e.g. MaskedDiffusionToy)"
         )
 
 
@@ -184,7 +208,6 @@ def init(
             "fk-steering needs a masked-diffusion policy (MaskedDiffusionPolicy); for an "
             "autoregressive policy use tiltsample.samplers.smc"
         )
-    _check_truncation(target)
     validation.generator("generator", generator)
     n = validation.positive_int("num_particles", num_particles)
     g = validation.positive_int("num_groups", num_groups)
@@ -278,13 +301,24 @@ def build_kernel(
     ess_threshold: float = 1.0,
     resampling: str = "multinomial",
     floor: float = 1.0,
+    proposal: str = "base",
 ) -> Any:
     """One interval of ``resample_every`` denoising steps, a potential and a resampling decision."""
     config = _config(
-        potential, estimator, num_samples_phi, resample_every, ess_threshold, resampling, floor
+        potential,
+        estimator,
+        num_samples_phi,
+        resample_every,
+        ess_threshold,
+        resampling,
+        floor,
+        proposal,
     )
 
     def step(generator: torch.Generator, state: FKState) -> tuple[FKState, FKInfo]:
+        _check_guided(state.target, config)
+        if config.proposal == "guided":
+            return _guided_step(config, generator, state)
         return _step(config, generator, state)
 
     return step
@@ -294,8 +328,6 @@ def _step(config: FKConfig, generator: torch.Generator, state: FKState) -> tuple
     target = state.target
     policy: Any = target.policy
     total = int(policy.num_steps)
-    n, groups = state.num_particles, state.num_groups
-    m = n * groups
     stop = min(state.step + config.resample_every, total)
     den = denoise(policy, target.prompt, state.states, state.step, stop, generator)
     states, cost = den.states, den.cost
@@ -327,17 +359,69 @@ def _step(config: FKConfig, generator: torch.Generator, state: FKState) -> tuple
             "sum": phi_sum,
             "immediate": phi,
             "none": torch.zeros_like(phi),
+            "bon": torch.zeros_like(phi),
         }[config.potential]
         phi_prev = phi
         log_w = _add(log_w, log_g)
         log_psi = log_psi + log_g
+    return _resample_and_pack(
+        config,
+        generator,
+        state,
+        _Interval(
+            states,
+            stop,
+            evaluations,
+            phi_prev,
+            phi_max,
+            phi_sum,
+            log_psi,
+            log_w,
+            log_tilt,
+            reward,
+            cost,
+        ),
+    )
+
+
+class _Interval(NamedTuple):
+    """Per-row arrays after an interval of denoising steps, before resampling."""
+
+    states: Tensor
+    stop: int
+    evaluations: int
+    phi_prev: Tensor
+    phi_max: Tensor
+    phi_sum: Tensor
+    log_psi: Tensor
+    log_w: Tensor
+    log_tilt: Tensor
+    reward: Tensor
+    cost: Cost
+
+
+def _resample_and_pack(
+    config: FKConfig, generator: torch.Generator, state: FKState, out: _Interval
+) -> tuple[FKState, FKInfo]:
+    """The resampling decision (never after the last step) and the new state."""
+    target = state.target
+    total = int(target.policy.num_steps)  # type: ignore[attr-defined]
+    n, groups = state.num_particles, state.num_groups
+    m = n * groups
+    states, stop, evaluations, cost = out.states, out.stop, out.evaluations, out.cost
+    phi_prev, phi_max, phi_sum = out.phi_prev, out.phi_max, out.phi_sum
+    log_psi, log_w, log_tilt, reward = out.log_psi, out.log_w, out.log_tilt, out.reward
+    if stop == total and config.potential == "bon":
+        states, log_w, log_psi, log_tilt, reward = _sort_by_tilt(
+            n, groups, states, log_w, log_psi, log_tilt, reward
+        )
     # resampling (never after the last step)
     log_z = state.log_z.clone()
     counts = state.resample_count.clone()
     lw = log_w.view(groups, n)
     ess_now = ess_rows(lw)
     resampled = torch.zeros(groups, dtype=torch.bool)
-    if stop < total:
+    if stop < total and config.potential not in ("none", "bon"):  # IS: equal weights until the end
         always = config.ess_threshold >= 1.0
         need = (
             torch.ones(groups, dtype=torch.bool) if always else ess_now < config.ess_threshold * n
@@ -380,6 +464,114 @@ def _step(config: FKConfig, generator: torch.Generator, state: FKState) -> tuple
     return new, FKInfo(cost, ess_now, resampled)
 
 
+def _sort_by_tilt(
+    n: int,
+    groups: int,
+    states: Tensor,
+    log_w: Tensor,
+    log_psi: Tensor,
+    log_tilt: Tensor,
+    reward: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Order each run's particles by final log-tilt, best first (ties: lower index first).
+
+    A permutation inside a run changes neither its weighted particle law nor its evidence; it
+    makes particle 0 of each run the best-of-``N`` selection (FK steering's ``bon`` output).
+    """
+    key = torch.where(torch.isnan(log_tilt), torch.full_like(log_tilt, -math.inf), log_tilt)
+    order = torch.sort(-key.view(groups, n), dim=1, stable=True).indices
+    perm = (order + torch.arange(groups)[:, None] * n).flatten()
+    return states[perm], log_w[perm], log_psi[perm], log_tilt[perm], reward[perm]
+
+
+def _guided_step(
+    config: FKConfig, generator: torch.Generator, state: FKState
+) -> tuple[FKState, FKInfo]:
+    r"""``resample_every`` steps of the guided proposal, then the resampling decision.
+
+    From state ``s`` at step ``k`` the policy enumerates the next states ``s'`` with their
+    base-sampler probabilities ``p(s'|s)``; with the twist ``psi(s') = exp(phi(s'))`` (``G`` for
+    complete states) drawn once per child, the particle moves to ``s' ~ q(s'|s) ∝ p(s'|s)
+    psi(s')`` and its weight gains ``log sum_{s'} p(s'|s) psi(s') - log psi(s)`` (the locally
+    optimal proposal of the twisted Feynman–Kac model; the drawn child's twist is stored and
+    reused as the next denominator, so random estimates telescope).
+    """
+    target = state.target
+    policy: Any = target.policy
+    total = int(policy.num_steps)
+    mask = int(policy.mask_id)
+    stop = min(state.step + config.resample_every, total)
+    states = state.states.clone()
+    log_w, log_psi = state.log_w.clone(), state.log_psi.clone()
+    log_tilt, reward = state.log_tilt.clone(), state.reward.clone()
+    evaluations = state.evaluations
+    rows, length = states.shape
+    cost = Cost()
+    for k in range(state.step, stop):
+        children: list[tuple[int, ...]] = []
+        log_p: list[float] = []
+        owner: list[int] = []
+        for i, row in enumerate(states.tolist()):
+            for child, lp in policy.transitions(tuple(row), k):
+                children.append(child)
+                log_p.append(lp)
+                owner.append(i)
+        kids = torch.tensor(children, dtype=torch.long).view(-1, length)
+        lp_t = torch.tensor(log_p, dtype=torch.float64)
+        own = torch.tensor(owner, dtype=torch.long)
+        cost = cost + Cost(forward_tokens=rows * (len(target.prompt) + length), model_calls=1)
+        last = k + 1 == total
+        kid_reward = torch.full((kids.shape[0],), math.nan, dtype=torch.float64)
+        if last:
+            phi, rew, c = _final_log_tilt(target, states_to_seqs(kids, target.eos_id, mask))
+            if rew is not None:
+                kid_reward = rew
+        else:
+            phi, c = _estimate(config, target, kids, k + 1, generator)
+            if bool(torch.isnan(phi).any()) or bool((phi == math.inf).any()):
+                raise ValueError("the intermediate reward estimate returned NaN or +inf")
+            phi = torch.where(
+                torch.isneginf(phi), torch.full_like(phi, math.log(config.floor)), phi
+            )
+            evaluations += 1
+        cost = cost + c
+        logits = torch.where(torch.isneginf(phi), phi, lp_t + phi)
+        chosen = torch.empty(rows, dtype=torch.long)
+        for i in range(rows):
+            idx = (own == i).nonzero().flatten()
+            li = logits[idx]
+            norm = torch.logsumexp(li, 0)
+            if bool(torch.isfinite(norm)):
+                q = torch.exp(li - norm)
+            else:  # every child has zero twist: the particle is dead, move by p_ref
+                q = torch.exp(lp_t[idx] - torch.logsumexp(lp_t[idx], 0))
+            j = int(idx[int(torch.multinomial(q, 1, generator=generator))])
+            chosen[i] = j
+            log_w[i] = _add(log_w[i : i + 1], (norm - log_psi[i]).reshape(1))[0]
+        new_states = kids[chosen]
+        committed = int((states == mask).sum()) - int((new_states == mask).sum())
+        cost = cost + Cost(generated_tokens=committed)
+        states = new_states
+        log_psi = phi[chosen]
+        if last:
+            log_tilt = phi[chosen]
+            reward = kid_reward[chosen]
+    out = _Interval(
+        states,
+        stop,
+        evaluations,
+        log_psi.clone(),
+        state.phi_max,
+        state.phi_sum,
+        log_psi,
+        log_w,
+        log_tilt,
+        reward,
+        cost,
+    )
+    return _resample_and_pack(config, generator, state, out)
+
+
 def log_evidence_runs(state: FKState) -> Tensor:
     """``[G]`` ``log Ẑ`` of every run (``-inf`` for a run whose weights all vanished)."""
     n, groups = state.num_particles, state.num_groups
@@ -403,6 +595,10 @@ def result(state: FKState) -> SampleSet:
             if bool(torch.isfinite(top)):
                 log_w[sl] = log_w[sl] - top
     pooled = float(torch.logsumexp(runs, 0) - math.log(groups)) if groups > 1 else float(runs[0])
+    key = torch.where(
+        torch.isnan(state.log_tilt), torch.full_like(state.log_tilt, -math.inf), state.log_tilt
+    ).view(groups, n)
+    best = torch.sort(-key, dim=1, stable=True).indices[:, 0] + torch.arange(groups) * n
     return SampleSet(
         seqs,
         log_w,
@@ -416,6 +612,7 @@ def result(state: FKState) -> SampleSet:
             "log_evidence_runs": runs.tolist(),
             "num_resampling": state.resample_count.tolist(),
             "potential_evaluations": state.evaluations,
+            "best_of_n": [seqs[i] for i in best.tolist()],
         },
     )
 
@@ -448,6 +645,7 @@ def sampler(
     ess_threshold: float = 1.0,
     resampling: str = "multinomial",
     floor: float = 1.0,
+    proposal: str = "base",
 ) -> SamplingAlgorithm:
     """FK steering (see the module docstring).
 
@@ -468,10 +666,13 @@ def sampler(
         Resample when ``ESS < ess_threshold · N`` (default 1: every evaluation).
     floor
         A zero estimate becomes ``log(floor)`` (keeps the potentials positive).
+    proposal
+        ``"base"`` (the base sampler) or ``"guided"`` (the twisted one-step proposal
+        ``q(s'|s) ∝ p(s'|s) exp(phi(s'))`` over the enumerated next states; difference
+        potential only).
     """
     if not is_masked_diffusion(getattr(target, "policy", None)):
         raise TypeError("fk-steering needs a target over a masked-diffusion policy")
-    _check_truncation(target)
     validation.positive_int("num_samples", num_samples)
     n = (
         num_samples
@@ -488,8 +689,10 @@ def sampler(
         "ess_threshold": ess_threshold,
         "resampling": resampling,
         "floor": floor,
+        "proposal": proposal,
     }
     step = build_kernel(**params)
+    _check_guided(target, _config(**params))
     groups = num_samples // n
     total = int(target.policy.num_steps)  # type: ignore[attr-defined]
     return SamplingAlgorithm(

@@ -129,6 +129,8 @@ def smc_params(
     num_moves: int = 0,
     move_temperature: float | None = None,
     convention: str = "reset",
+    move_cut: str = "uniform",
+    move_cut_power: float = 4.0,
 ) -> dict[str, Any]:
     """The :mod:`~tiltsample.samplers.smc` parameters that make an SMC run a Power-SMC run."""
     return {
@@ -140,6 +142,8 @@ def smc_params(
         "num_moves": num_moves,
         "move_temperature": 1.0 if move_temperature is None else move_temperature,
         "convention": convention,
+        "move_cut": move_cut,
+        "move_cut_power": move_cut_power,
     }
 
 
@@ -156,6 +160,8 @@ def sampler(
     num_moves: int = 0,
     move_temperature: float | None = None,
     convention: str = "reset",
+    move_cut: str = "uniform",
+    move_cut_power: float = 4.0,
 ) -> SamplingAlgorithm:
     """Power-SMC (see the module docstring).
 
@@ -171,6 +177,9 @@ def sampler(
     block_size, ess_threshold, resampling, num_moves, move_temperature, convention
         As in :func:`tiltsample.samplers.smc.sampler` (moves propose from ``p_ref`` at
         ``move_temperature``, default 1).
+    move_cut, move_cut_power
+        The moves' cut law (``"uniform"`` or ``"entropy_jump"``), as in
+        :func:`tiltsample.samplers.smc.sampler`.
     """
     alpha = _check_power_target(target)
     params = smc_params(
@@ -182,6 +191,8 @@ def sampler(
         num_moves=num_moves,
         move_temperature=move_temperature,
         convention=convention,
+        move_cut=move_cut,
+        move_cut_power=move_cut_power,
     )
     inner = smc.sampler(target, num_samples=num_samples, num_particles=num_particles, **params)
     shown = {k: v for k, v in params.items() if k not in ("twist", "proposal")}

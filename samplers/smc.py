@@ -31,12 +31,15 @@ Resampling
     (``session.select``), so shared prefixes are never re-encoded.
 Resample-move
     After a resampling, ``num_moves`` Metropolis–Hastings moves per particle that leave the
-    current intermediate target invariant: one uniform cut ``j`` (shared by the batch, drawn
-    independently of the particles, so its probability cancels), the suffix ``x_{j:t}``
-    regenerated from ``p_ref`` at ``move_temperature`` inside the current length ``t`` (EOS
-    allowed), accepted with
-    ``min(1, gamma_t(x') q(x_{j:t}) / (gamma_t(x) q(x'_{j:t})))``; random twists enter as a
-    pseudo-marginal ratio ``psî(x')/psî(x)`` with a fresh estimate for ``x'`` (§8).
+    current intermediate target invariant: a cut ``j`` (``move_cut="uniform"``: one uniform cut
+    shared by the batch, drawn independently of the particles, so its probability cancels;
+    ``"entropy_jump"``: per particle, ``c_x(j) ∝ max(0, H_j - H_{j-1})^beta`` over the particle's
+    positions, ``H_j`` the entropy of ``p_ref(. | x_<j)``), the suffix ``x_{j:t}`` regenerated
+    from ``p_ref`` at ``move_temperature`` inside the current length ``t`` (EOS allowed),
+    accepted with
+    ``min(1, gamma_t(x') q(x_{j:t}) c_{x'}(j) / (gamma_t(x) q(x'_{j:t}) c_x(j)))``; random
+    twists enter as a pseudo-marginal ratio ``psi^(x')/psi^(x)`` with a fresh estimate for
+    ``x'`` (§8).
 Evidence
     ``log Ẑ = sum_epochs (logsumexp(log w) - log N)``, unbiased for ``Z`` (Del Moral 2004) for any
     scheme, threshold and twist; ``-inf`` (not NaN) when every weight of a run is zero. Two
@@ -76,19 +79,21 @@ import torch
 from torch import Tensor
 
 from tiltsample import validation
-from tiltsample.decoding import decode_until_complete, rows_to_seqs
+from tiltsample.decoding import rows_to_seqs, sample_categorical, tempered_logprobs
 from tiltsample.diffusion import is_masked_diffusion
 from tiltsample.policy import DecodeSession, open_session
-from tiltsample.resampling import SCHEMES, resample_indices
+from tiltsample.resampling import SCHEMES, conditional_resample_indices, resample_indices
 from tiltsample.results import SampleSet
 from tiltsample.reward import PrefixPotential
 from tiltsample.sampler import SamplingAlgorithm
+from tiltsample.samplers.mh import cut_log_probs
 from tiltsample.samplers.twists import Twist, check_twist_output, make_twist
 from tiltsample.target import TiltedTarget
 from tiltsample.types import Cost, Seq
 
 __all__ = [
     "CONVENTIONS",
+    "MOVE_CUTS",
     "PROPOSALS",
     "SMCConfig",
     "SMCInfo",
@@ -109,6 +114,7 @@ __all__ = [
 ]
 
 PROPOSALS = ("reference", "optimal")
+MOVE_CUTS = ("uniform", "entropy_jump")
 CONVENTIONS = ("reset", "mean")
 
 
@@ -124,6 +130,8 @@ class SMCConfig(NamedTuple):
     num_moves: int
     move_temperature: float
     convention: str
+    move_cut: str = "uniform"
+    move_cut_power: float = 4.0
 
 
 class SMCState(NamedTuple):
@@ -169,6 +177,9 @@ class SMCState(NamedTuple):
     moves_proposed: int
     moves_accepted: int
     cost: Cost
+    tok_entropy: Tensor | None = None
+    """``[M, t]`` Shannon entropy of ``p_ref(. | x_<s)`` at every position (0 on padding): the
+    entropy-jump cut law of the moves."""
 
 
 class SMCInfo(NamedTuple):
@@ -196,6 +207,8 @@ def make_config(
     num_moves: int = 0,
     move_temperature: float | None = None,
     convention: str = "reset",
+    move_cut: str = "uniform",
+    move_cut_power: float = 4.0,
 ) -> SMCConfig:
     """Validate the SMC parameters (see :func:`sampler`)."""
     tw = make_twist(twist, potential, num_rollouts, rollout_temperature)
@@ -214,6 +227,8 @@ def make_config(
         move_temperature = temperature
     move_temperature = validation.positive_float("move_temperature", move_temperature)
     convention = validation.one_of("convention", convention, CONVENTIONS)
+    move_cut = validation.one_of("move_cut", move_cut, MOVE_CUTS)
+    move_cut_power = validation.positive_float("move_cut_power", move_cut_power)
     return SMCConfig(
         tw,
         proposal,
@@ -224,6 +239,8 @@ def make_config(
         num_moves,
         move_temperature,
         convention,
+        move_cut,
+        move_cut_power,
     )
 
 
@@ -279,9 +296,16 @@ def batched_resample(scheme: str, generator: torch.Generator, weights: Tensor) -
     return torch.searchsorted(cdf, u.contiguous(), right=True).clamp_(max=n - 1)
 
 
-def _conditional_multinomial(generator: torch.Generator, weights: Tensor) -> Tensor:
-    """Conditional multinomial ancestors: particle 0 keeps its lineage, the rest draw freely."""
+def _conditional_resample(scheme: str, generator: torch.Generator, weights: Tensor) -> Tensor:
+    """Conditional ancestors ``[G, N]``: particle 0 of each run keeps its lineage.
+
+    Multinomial is vectorised (the other slots draw freely); the other schemes loop over
+    :func:`tiltsample.resampling.conditional_resample_indices` (the symmetrised scheme given
+    ``A_0 = 0``).
+    """
     groups, n = weights.shape
+    if scheme != "multinomial":
+        return torch.stack([conditional_resample_indices(scheme, generator, w, n) for w in weights])
     anc = torch.zeros((groups, n), dtype=torch.long)
     if n > 1:
         anc[:, 1:] = torch.multinomial(weights, n - 1, replacement=True, generator=generator)
@@ -307,6 +331,65 @@ def _tempered(log_p: Tensor, temperature: float) -> Tensor:
     """``log softmax(log_p / tau)`` with ``-inf`` kept (same law as
     :func:`tiltsample.decoding.tempered_logprobs`)."""
     return log_p if temperature == 1.0 else _log_normalise(log_p / temperature)
+
+
+def _entropy(log_p: Tensor) -> Tensor:
+    """Row-wise Shannon entropy of normalised ``log_p`` ``[B, V]`` (``0 log 0 = 0``)."""
+    finite = torch.isfinite(log_p)
+    return -torch.where(finite, torch.exp(log_p) * log_p, torch.zeros_like(log_p)).sum(dim=1)
+
+
+class _Suffix(NamedTuple):
+    tokens: Tensor
+    token_log_p: Tensor
+    token_log_q: Tensor
+    entropy: Tensor
+    generated_tokens: int
+
+
+def _decode_suffix(
+    session: DecodeSession,
+    generator: torch.Generator,
+    *,
+    eos_id: int,
+    max_length: int,
+    temperature: float,
+    force_eos_at_cap: bool,
+) -> _Suffix:
+    """:func:`tiltsample.decoding.decode_until_complete` (same draws from the generator) that also
+    records the entropy of ``p_ref`` at every new position (the entropy-jump cut law)."""
+    batch, start = session.batch_size, session.length
+    live = (
+        ~(session.tokens() == eos_id).any(dim=1) if start else torch.ones(batch, dtype=torch.bool)
+    )
+    toks: list[Tensor] = []
+    cols: list[list[Tensor]] = [[], [], []]
+    generated = 0
+    for position in range(start, max_length):
+        if not bool(live.any()):
+            break
+        log_p = session.logprobs().to(torch.float64)
+        if force_eos_at_cap and position == max_length - 1:
+            tok = torch.full((batch,), eos_id, dtype=torch.long)
+            lq = torch.zeros(batch, dtype=torch.float64)
+        else:
+            log_q_all = tempered_logprobs(log_p, temperature)
+            tok = sample_categorical(generator, log_q_all)
+            lq = log_q_all.gather(1, tok[:, None]).squeeze(1)
+        lp = log_p.gather(1, tok[:, None]).squeeze(1)
+        tok = torch.where(live, tok, torch.full_like(tok, eos_id))
+        zero = torch.zeros_like(lp)
+        toks.append(tok)
+        for col, value in zip(cols, (lp, lq, _entropy(log_p)), strict=True):
+            col.append(torch.where(live, value, zero))
+        generated += int(live.sum())
+        session.extend(tok)
+        live = live & (tok != eos_id)
+    if not toks:
+        empty = torch.zeros((batch, 0), dtype=torch.float64)
+        return _Suffix(torch.zeros((batch, 0), dtype=torch.long), empty, empty, empty, 0)
+    lp_t, lq_t, h_t = (torch.stack(c, 1) for c in cols)
+    return _Suffix(torch.stack(toks, 1), lp_t, lq_t, h_t, generated)
 
 
 def _draw(generator: torch.Generator, log_q: Tensor) -> Tensor:
@@ -510,6 +593,7 @@ def init(
         moves_proposed=0,
         moves_accepted=0,
         cost=Cost(),
+        tok_entropy=torch.zeros((m, 0), dtype=f64),
     )
 
 
@@ -526,6 +610,11 @@ class _Rows:
         self.log_p = state.log_p.clone()
         self.tok_log_p = state.tok_log_p
         self.tok_log_q_move = state.tok_log_q_move
+        self.tok_entropy = (
+            state.tok_entropy
+            if state.tok_entropy is not None
+            else torch.zeros_like(state.tok_log_p)
+        )
         self.log_psi = state.log_psi.clone()
         self.pending = state.pending
         self.pending_reward = state.pending_reward
@@ -539,6 +628,7 @@ class _Rows:
             "log_p",
             "tok_log_p",
             "tok_log_q_move",
+            "tok_entropy",
             "log_psi",
             "pending",
             "pending_reward",
@@ -565,6 +655,8 @@ def build_kernel(
     num_moves: int = 0,
     move_temperature: float | None = None,
     convention: str = "reset",
+    move_cut: str = "uniform",
+    move_cut_power: float = 4.0,
 ) -> Any:
     """One block step of SMC for every run (parameters as in :func:`sampler`)."""
     config = make_config(
@@ -580,6 +672,8 @@ def build_kernel(
         num_moves=num_moves,
         move_temperature=move_temperature,
         convention=convention,
+        move_cut=move_cut,
+        move_cut_power=move_cut_power,
     )
     return kernel_from_config(config)
 
@@ -612,6 +706,7 @@ def _step(
     inc = torch.zeros(m, dtype=torch.float64)  # reference proposal: sum of log p - log q
     tok_lp: list[Tensor] = [rows.tok_log_p]
     tok_lq: list[Tensor] = [rows.tok_log_q_move]
+    tok_h: list[Tensor] = [rows.tok_entropy]
 
     for _ in range(config.block_size):
         live = ~rows.finished
@@ -658,6 +753,7 @@ def _step(
         rows.log_p = rows.log_p + torch.where(live, lp, zero)
         tok_lp.append(torch.where(live, lp, zero)[:, None])
         tok_lq.append(torch.where(live, lq_move, zero)[:, None])
+        tok_h.append(torch.where(live, _entropy(logp_all), zero)[:, None])
         generated += int(live.sum())
         if state.reference is not None:  # the reference's tokens are given, not generated
             generated -= int(live[ref_rows].sum())
@@ -673,6 +769,7 @@ def _step(
 
     rows.tok_log_p = torch.cat(tok_lp, dim=1)
     rows.tok_log_q_move = torch.cat(tok_lq, dim=1)
+    rows.tok_entropy = torch.cat(tok_h, dim=1)
     tokens = session.tokens()
 
     if not optimal:
@@ -725,7 +822,7 @@ def _step(
         gs = resampled.nonzero().flatten()
         weights = torch.exp(_log_normalise(lw[gs]))
         if state.reference is not None:
-            anc = _conditional_multinomial(generator, weights)
+            anc = _conditional_resample(config.resampling, generator, weights)
         else:
             anc = batched_resample(config.resampling, generator, weights)
         ancestors.view(groups, n)[gs] = gs[:, None] * n + anc
@@ -770,6 +867,7 @@ def _step(
         moves_proposed=state.moves_proposed + proposed,
         moves_accepted=state.moves_accepted + accepted,
         cost=state.cost + cost,
+        tok_entropy=rows.tok_entropy,
     )
     return new_state, SMCInfo(cost, ess_now, resampled)
 
@@ -827,23 +925,73 @@ def _move(
 
     Leaves ``gamma_t(x) = p(x) phi(x)`` invariant, where ``phi`` is the stored twist (the true
     tilt for complete particles; the fully adapted potential with the optimal proposal).
+
+    ``move_cut="uniform"``: one cut ``j`` uniform on ``[0, t)`` shared by the batch (independent of
+    the particles, so it cancels); a particle that ended before ``j`` stays. ``"entropy_jump"``:
+    each particle draws its own cut ``j ~ c_x`` over its positions ``[0, |x|)``
+    (:func:`tiltsample.samplers.mh.cut_log_probs`, ``|x| = t`` for an incomplete prefix); rows
+    with the same cut are proposed as one batch, and the ratio gets ``log c_{x'}(j) - log c_x(j)``.
+    """
+    t = session.length
+    if t == 0:
+        return rows, Cost(), 0, 0
+    if config.move_cut == "uniform":
+        j = int(torch.randint(t, (1,), generator=generator))
+        # a particle that ended before the cut is left unchanged (x' = x)
+        ended_before = (session.tokens()[:, :j] == target.eos_id).any(dim=1)
+        active = (mask & ~ended_before).nonzero().flatten()
+        if active.numel() == 0:
+            return rows, Cost(), 0, 0
+        return _move_group(config, target, session, rows, active, j, generator, None)
+    rows_idx = mask.nonzero().flatten()
+    if rows_idx.numel() == 0:
+        return rows, Cost(), 0, 0
+    lengths = _lengths(session.tokens()[rows_idx], target.eos_id)
+    log_c = cut_log_probs(
+        rows.tok_entropy[rows_idx], lengths, config.move_cut, config.move_cut_power
+    )
+    cuts = torch.multinomial(torch.exp(log_c), 1, generator=generator).squeeze(1)
+    cost = Cost()
+    accepted = proposed = 0
+    for j in sorted(set(cuts.tolist())):
+        sel = cuts == j
+        rows, c, a, p = _move_group(
+            config, target, session, rows, rows_idx[sel], j, generator, log_c[sel, j]
+        )
+        cost, accepted, proposed = cost + c, accepted + a, proposed + p
+    return rows, cost, accepted, proposed
+
+
+def _lengths(tokens: Tensor, eos: int) -> Tensor:
+    """``[B]`` response lengths of EOS-padded rows (EOS included; the width if none)."""
+    width = tokens.shape[1]
+    is_eos = tokens == eos
+    first = torch.where(is_eos.any(dim=1), is_eos.to(torch.long).argmax(dim=1) + 1, width)
+    return first.to(torch.long)
+
+
+def _move_group(
+    config: SMCConfig,
+    target: TiltedTarget,
+    session: DecodeSession,
+    rows: _Rows,
+    active: Tensor,
+    j: int,
+    generator: torch.Generator,
+    log_cut_old: Tensor | None,
+) -> tuple[_Rows, Cost, int, int]:
+    """Propose ``x' = (x_<j, new suffix)`` for the rows ``active`` (all cut at ``j``) and accept.
+
+    ``log_cut_old``: ``log c_x(j)`` of a particle-dependent cut law (``None``: a cut that cancels).
     """
     eos, cap = target.eos_id, target.max_new_tokens
     t = session.length
     cost = Cost()
-    if t == 0:
-        return rows, cost, 0, 0
-    j = int(torch.randint(t, (1,), generator=generator))
     tokens = session.tokens()
-    # a particle that ended before the cut is left unchanged (x' = x)
-    ended_before = (tokens[:, :j] == eos).any(dim=1)
-    active = (mask & ~ended_before).nonzero().flatten()
-    if active.numel() == 0:
-        return rows, cost, 0, 0
     twin = session.fork()
     twin.select(active)
     twin.truncate(t - j)
-    decoded = decode_until_complete(
+    decoded = _decode_suffix(
         twin,
         generator,
         eos_id=eos,
@@ -859,6 +1007,8 @@ def _move(
     new_lp[:, :width] = decoded.token_log_p
     new_lq = torch.zeros((a, t - j), dtype=torch.float64)
     new_lq[:, :width] = decoded.token_log_q
+    new_h = torch.zeros((a, t - j), dtype=torch.float64)
+    new_h[:, :width] = decoded.entropy
     prefix_lp = rows.tok_log_p[active, :j].sum(dim=1)
     new_log_p = prefix_lp + new_lp.sum(dim=1)
     new_finished = (new_suffix == eos).any(dim=1) | (t == cap)
@@ -919,6 +1069,14 @@ def _move(
             (log_new - new_lq.sum(dim=1)) - (log_old - old_lq),
         ),
     )
+    if log_cut_old is not None:  # the cut law's correction log c_{x'}(j) - log c_x(j)
+        h_new = torch.cat([rows.tok_entropy[active, :j], new_h], dim=1)
+        len_new = _lengths(new_tokens, eos)
+        log_cut_new = cut_log_probs(h_new, len_new, config.move_cut, config.move_cut_power)[:, j]
+        log_ratio = torch.where(
+            torch.isfinite(log_ratio), log_ratio + log_cut_new - log_cut_old, log_ratio
+        )
+        log_ratio = torch.where(torch.isneginf(log_cut_new), -math.inf, log_ratio)
     log_u = torch.log(torch.rand(a, generator=generator, dtype=torch.float64))
     acc = log_u < log_ratio
     n_acc = int(acc.sum())
@@ -934,6 +1092,8 @@ def _move(
         rows.tok_log_p[hit, j:] = new_lp[acc]
         rows.tok_log_q_move = rows.tok_log_q_move.clone()
         rows.tok_log_q_move[hit, j:] = new_lq[acc]
+        rows.tok_entropy = rows.tok_entropy.clone()
+        rows.tok_entropy[hit, j:] = new_h[acc]
         rows.log_psi = rows.log_psi.clone()
         rows.reward = rows.reward.clone()
         fin = new_finished[acc]
@@ -967,6 +1127,7 @@ def _replace_rows(
         log_p=rows.log_p,
         tok_log_p=rows.tok_log_p,
         tok_log_q_move=rows.tok_log_q_move,
+        tok_entropy=rows.tok_entropy,
         log_psi=rows.log_psi,
         pending=rows.pending,
         pending_reward=rows.pending_reward,
@@ -1016,6 +1177,7 @@ def state_from_sequences(
             padded[i, : len(x)] = torch.tensor(x, dtype=torch.long)
     tok_lp = torch.zeros((m, t), dtype=torch.float64)
     tok_lq = torch.zeros((m, t), dtype=torch.float64)
+    tok_h = torch.zeros((m, t), dtype=torch.float64)
     lengths = torch.tensor([len(x) for x in xs], dtype=torch.long)
     for pos in range(t):
         logp_all = session.logprobs().to(torch.float64)
@@ -1028,9 +1190,10 @@ def state_from_sequences(
             lq = _tempered(logp_all, config.move_temperature).gather(1, tok[:, None]).squeeze(1)
         tok_lp[:, pos] = torch.where(live, lp, torch.zeros_like(lp))
         tok_lq[:, pos] = torch.where(live, lq, torch.zeros_like(lq))
+        tok_h[:, pos] = torch.where(live, _entropy(logp_all), torch.zeros_like(lq))
         session.extend(tok)
     rows = _Rows(state)
-    rows.tok_log_p, rows.tok_log_q_move = tok_lp, tok_lq
+    rows.tok_log_p, rows.tok_log_q_move, rows.tok_entropy = tok_lp, tok_lq, tok_h
     rows.log_p = tok_lp.sum(dim=1)
     rows.finished = torch.tensor([target.is_complete(x) for x in xs], dtype=torch.bool)
     cost = Cost()
@@ -1180,6 +1343,8 @@ def sampler(
     num_moves: int = 0,
     move_temperature: float | None = None,
     convention: str = "reset",
+    move_cut: str = "uniform",
+    move_cut_power: float = 4.0,
 ) -> SamplingAlgorithm:
     """SMC (see the module docstring).
 
@@ -1207,6 +1372,10 @@ def sampler(
     num_moves, move_temperature
         MH rejuvenation moves after each resampling and their proposal temperature (default: the
         proposal's temperature).
+    move_cut, move_cut_power
+        The moves' cut law: ``"uniform"`` (default) or ``"entropy_jump"``
+        (``c_x(j) ∝ max(0, H_j - H_{j-1})^move_cut_power``, uniform when every jump vanishes; the
+        law of :func:`tiltsample.samplers.mh.cut_log_probs`, corrected in the acceptance ratio).
     convention
         ``"reset"`` (A) or ``"mean"`` (B) evidence bookkeeping; identical results.
     """
@@ -1233,6 +1402,8 @@ def sampler(
         "num_moves": num_moves,
         "move_temperature": move_temperature,
         "convention": convention,
+        "move_cut": move_cut,
+        "move_cut_power": move_cut_power,
     }
     step = build_kernel(**params)
     groups = num_samples // n

@@ -78,11 +78,13 @@ __all__ = [
     "apply_floor",
     "check_twist_output",
     "make_twist",
+    "negative_phase_samples",
     "power_log_tilt",
     "tri_tsmc",
 ]
 
 TWIST_NAMES = ("none", "prefix", "lookahead")
+NEGATIVE_PHASES = ("exact", "smc")
 
 
 def check_twist_output(values: object, batch: int, what: str) -> Tensor:
@@ -749,8 +751,15 @@ def _state_tables(
 def _path_states(
     target: TiltedTarget, paths: Sequence[Seq], features: FeatureMap
 ) -> list[tuple[Tensor, Tensor]]:
-    """Per length ``t``: (rows of the paths still incomplete at ``t``, their features)."""
+    """Per length ``t``: (rows of the paths still incomplete at ``t``, their features).
+
+    The features get the prefixes' true ``log p_ref`` (one teacher-forced call for all paths).
+    """
     out = []
+    cum = torch.zeros((len(paths), 0), dtype=torch.float64)
+    if paths:
+        per = target.policy.sequence_logprob(target.prompt, list(paths), per_token=True)
+        cum = torch.cumsum(per.to(torch.float64), dim=1)
     for t in range(1, target.max_new_tokens + 1):
         rows = [
             i
@@ -758,7 +767,7 @@ def _path_states(
             if len(x) > t or (len(x) == t and not target.is_complete(x))
         ]
         prefixes = [paths[i][:t] for i in rows]
-        lp = torch.zeros(len(rows), dtype=torch.float64)
+        lp = cum[rows, t - 1] if rows else torch.zeros(0, dtype=torch.float64)
         phi = (
             features(prefixes, lp).to(torch.float64)
             if rows
@@ -787,15 +796,94 @@ def _objective(
     return total
 
 
+NegativeSamples = list[tuple[Tensor, Tensor]]
+"""Per length ``t``: (``[n]`` normalised log-weights of SMC particles targeting the twisted
+marginal ``sigma_t^{theta_k}``, ``[n, F]`` their features, zero rows for complete particles)."""
+
+
+def negative_phase_samples(
+    target: TiltedTarget,
+    twist: LinearTwist,
+    num_particles: int,
+    generator: torch.Generator,
+    ess_threshold: float = 0.5,
+) -> tuple[NegativeSamples, Cost]:
+    r"""Weighted particles of every twisted marginal ``sigma_t^theta`` from one SMC run.
+
+    SMC with the twist ``psi_theta``, the ``p_ref`` proposal, one token per step and adaptive
+    resampling has the intermediate target ``gamma_t = p(s) psi_theta(s)`` (incomplete ``s`` of
+    length ``t``) / ``p(x) G(x)`` (complete ``|x| <= t``), i.e. ``sigma_t^theta`` up to its
+    normaliser: after step ``t`` its weighted particles (equally weighted right after a
+    resampling) estimate ``E_{sigma_t}[f]`` consistently, with ``O(1/N)`` bias. No enumeration:
+    the cost is one SMC run, whatever the size of the state space.
+    """
+    from tiltsample.samplers import smc
+
+    state = smc.init(target, generator=generator, num_particles=num_particles)
+    step = smc.build_kernel(twist=twist, ess_threshold=ess_threshold)
+    out: NegativeSamples = []
+    width = twist.theta.numel()
+    while not smc.done(state):
+        state, _ = step(generator, state)
+        log_w = state.log_w - torch.logsumexp(state.log_w, 0)
+        live = (~state.finished).nonzero().flatten()
+        phi = torch.zeros((num_particles, width), dtype=torch.float64)
+        if live.numel():
+            tokens = state.session.tokens()[live]
+            prefixes = [tuple(int(v) for v in row) for row in tokens.tolist()]
+            phi[live] = twist.features(prefixes, state.log_p[live]).to(torch.float64)
+        out.append((log_w, phi))
+    while len(out) < target.max_new_tokens:  # every particle finished early: constant terms
+        out.append((out[-1][0], torch.zeros((num_particles, width), dtype=torch.float64)))
+    return out, state.cost
+
+
+def _objective_sampled(
+    theta: Tensor,
+    theta_k: Tensor,
+    states: list[tuple[Tensor, Tensor]],
+    negatives: NegativeSamples,
+    weights: Tensor,
+    l2: float,
+    prox: float,
+) -> Tensor:
+    """:func:`_objective` with ``log Z_t(theta) - log Z_t(theta_k)`` replaced by its
+    self-normalised importance estimate ``log sum_i W_i^t exp((theta - theta_k) · phi_i^t)``
+    over particles of ``sigma_t^{theta_k}`` (its gradient is the sampled negative phase), plus
+    the proximal term ``prox |theta - theta_k|^2`` that keeps the step where the importance
+    estimate holds (it vanishes at a fixed point)."""
+    delta = theta - theta_k
+    total = l2 * (theta * theta).sum() + prox * (delta * delta).sum()
+    for (rows, phi_paths), (log_w, phi_neg) in zip(states, negatives, strict=True):
+        if rows.numel():
+            total = total - (weights[rows] * (phi_paths @ theta)).sum()
+        total = total + torch.logsumexp(log_w + phi_neg @ delta, 0)
+    return total
+
+
 def _project(
     theta0: Tensor,
     states: list[tuple[Tensor, Tensor]],
-    tables: list[tuple[Tensor, Tensor, Tensor]],
+    tables: list[tuple[Tensor, Tensor, Tensor]] | None,
     weights: Tensor,
     l2: float,
     max_iter: int,
+    negatives: NegativeSamples | None = None,
+    prox: float = 0.05,
 ) -> tuple[Tensor, float]:
-    """``argmin_theta`` of :func:`_objective` by L-BFGS (strong Wolfe line search, float64)."""
+    """``argmin_theta`` of :func:`_objective` by L-BFGS (strong Wolfe line search, float64).
+
+    With ``negatives`` (and ``tables=None``) the normalisers are the sampled surrogate of
+    :func:`_objective_sampled` around ``theta0``.
+    """
+    theta_k = theta0.detach().clone()
+
+    def objective(th: Tensor) -> Tensor:
+        if negatives is not None:
+            return _objective_sampled(th, theta_k, states, negatives, weights, l2, prox)
+        assert tables is not None
+        return _objective(th, states, tables, weights, l2)
+
     theta = theta0.detach().clone().requires_grad_(True)
     optimizer = torch.optim.LBFGS(
         [theta],
@@ -807,13 +895,13 @@ def _project(
 
     def closure() -> Tensor:
         optimizer.zero_grad()
-        loss = _objective(theta, states, tables, weights, l2)
+        loss = objective(theta)
         loss.backward()
         return loss
 
     optimizer.step(closure)
     with torch.no_grad():
-        value = float(_objective(theta, states, tables, weights, l2))
+        value = float(objective(theta))
     return theta.detach().clone(), value
 
 
@@ -827,6 +915,9 @@ def tri_tsmc(
     step_size: float = 0.5,
     l2: float = 1e-3,
     max_iter: int = 200,
+    negative: str = "exact",
+    num_negative: int | None = None,
+    prox: float = 0.05,
 ) -> TRIResult:
     r"""Learn a twist by the trust-region iteration of TRI-TSMC (arXiv 2605.25123).
 
@@ -850,10 +941,22 @@ def tri_tsmc(
     The projection fits the *marginals* (the contrastive objective of Zhao et al. 2024) rather than
     the path likelihood of ``Q_theta``: the latter identifies ``psi`` only up to a factor per
     parent prefix, which leaves ``Q_theta`` unchanged but not the SMC weights (they depend on
-    ``psi`` itself once particles are resampled). The normalisers ``Z_t(theta)`` are computed
-    exactly by enumeration, so this implementation is for enumerable toys (the negative phase of
-    a scalable version would use SMC particles instead); the twist parameterisation on masked
-    states and the step-size schedule of the paper are unconfirmed (``specs/smc.md`` §10).
+    ``psi`` itself once particles are resampled). The twist parameterisation on masked states
+    and the step-size schedule of the paper are unconfirmed (``specs/smc.md`` §10).
+
+    **Negative phase.** The gradient of the objective is
+    ``sum_t (E_{sigma_t^theta}[phi 1{incomplete}] - sum_i W_i phi(x_i at t)) + 2 l2 theta``.
+    ``negative="exact"`` computes the normalisers ``Z_t(theta)`` by enumeration (enumerable toys
+    only). ``negative="smc"`` scales: each iteration runs one SMC with the current twist
+    (:func:`negative_phase_samples`, ``num_negative`` particles) whose weighted particles at every
+    ``t`` target ``sigma_t^{theta_k}``, and replaces ``log Z_t(theta) - log Z_t(theta_k)`` by the
+    self-normalised importance estimate ``log sum_i W_i^t exp((theta - theta_k) · phi_i^t)``:
+    a deterministic surrogate (L-BFGS still applies) that is exact at ``theta_k`` to ``O(1/N)``
+    and whose gradient is the importance-sampled negative phase. Far from ``theta_k`` the
+    importance estimate fails (a feature no particle carries would get no negative phase at
+    all, and its parameter would diverge), so the surrogate adds the proximal term
+    ``prox |theta - theta_k|^2``; it vanishes at a fixed point, so the iteration's fixed points
+    are those of the exact projection (up to Monte Carlo error).
 
     Parameters
     ----------
@@ -871,6 +974,11 @@ def tri_tsmc(
         Ridge penalty (keeps ``psi > 0`` on prefixes the samples never visit).
     max_iter
         L-BFGS iterations per projection.
+    negative, num_negative
+        ``"exact"`` (enumeration) or ``"smc"`` (sampled normalisers; ``num_negative`` SMC
+        particles per iteration, default ``num_paths``).
+    prox
+        Proximal weight of the sampled surrogate (``negative="smc"`` only; ``> 0``).
 
     Returns
     -------
@@ -890,7 +998,10 @@ def tri_tsmc(
     if isinstance(l2, bool) or not isinstance(l2, int | float) or not l2 >= 0:
         raise ValueError(f"l2 must be a number >= 0, got {l2!r}")
     max_iter = validation.positive_int("max_iter", max_iter)
-    tables = _state_tables(target, twist.features)
+    negative = validation.one_of("negative", negative, NEGATIVE_PHASES)
+    m_neg = m if num_negative is None else validation.positive_int("num_negative", num_negative)
+    prox = validation.positive_float("prox", prox)
+    tables = _state_tables(target, twist.features) if negative == "exact" else None
     history: list[TRIStep] = []
     cost = Cost()
     current = twist
@@ -913,7 +1024,13 @@ def tri_tsmc(
         weights = torch.exp(tempered - torch.logsumexp(tempered, 0))
         paths = out.sequences
         states = _path_states(target, paths, current.features)
-        theta, value = _project(current.theta, states, tables, weights, float(l2), max_iter)
+        negatives = None
+        if negative == "smc":
+            negatives, neg_cost = negative_phase_samples(target, current, m_neg, generator)
+            cost = cost + neg_cost
+        theta, value = _project(
+            current.theta, states, tables, weights, float(l2), max_iter, negatives, prox
+        )
         ess = float(torch.exp(2 * torch.logsumexp(log_w, 0) - torch.logsumexp(2 * log_w, 0)))
         history.append(TRIStep(k, ess / m, float(torch.logsumexp(log_w, 0) - math.log(m)), value))
         current = current.with_theta(theta)

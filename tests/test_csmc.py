@@ -188,8 +188,20 @@ def _merge_rare(
         {"ess_threshold": 1.0},
         {"ess_threshold": 0.5, "temperature": 0.7, "block_size": 2},
         {"proposal": "optimal", "twist": "lookahead", "potential": "noisy"},
+        {"ess_threshold": 1.0, "resampling": "systematic"},
+        {"ess_threshold": 0.5, "resampling": "systematic", "temperature": 0.7},
+        {"ess_threshold": 1.0, "resampling": "stratified"},
+        {"ess_threshold": 0.5, "resampling": "residual", "block_size": 2},
     ],
-    ids=["every-step", "adaptive-tempered-block", "optimal-noisy-twist"],
+    ids=[
+        "every-step",
+        "adaptive-tempered-block",
+        "optimal-noisy-twist",
+        "systematic",
+        "systematic-adaptive",
+        "stratified",
+        "residual-adaptive-block",
+    ],
 )
 def test_particle_gibbs_leaves_pi_invariant(truncation: Truncation, params: dict[str, Any]) -> None:
     """One sweep from exact draws of pi must again give exact draws of pi (chi-square)."""
@@ -276,7 +288,7 @@ def test_differential_against_pyro_smcfilter() -> None:
     ("factory", "error", "name"),
     [
         (
-            lambda t: csmc.sampler(t, num_samples=4, resampling="systematic"),
+            lambda t: csmc.sampler(t, num_samples=4, resampling="sorted"),
             ValueError,
             "resampling",
         ),
@@ -309,4 +321,4 @@ def test_log_z_upper_needs_complete_exact_samples() -> None:
     with pytest.raises(ValueError, match="exact_samples"):
         csmc.log_z_upper(target, 2, [(1, 2)], generator=gen(0))
     with pytest.raises(ValueError, match="resampling"):
-        csmc.log_z_upper(target, 2, [(0,)], generator=gen(0), resampling="residual")
+        csmc.log_z_upper(target, 2, [(0,)], generator=gen(0), resampling="sorted")

@@ -74,7 +74,8 @@ def runs(target: TiltedTarget, n: int, r: int, seed: int, **params: Any) -> smc.
 
 
 def weights_of(state: smc.SMCState) -> Tensor:
-    return smc.log_evidence_runs(state)
+    out: Tensor = smc.log_evidence_runs(state)
+    return out
 
 
 # ----------------------------------------------------------------------------- exact tests
@@ -420,7 +421,7 @@ def test_batched_resamplers_are_unbiased_and_keep_the_floor_copies() -> None:
         assert torch.allclose(counts.mean(0), n * w, atol=0.03), scheme
         if scheme in ("systematic", "residual"):
             assert bool((counts >= torch.floor(n * w)).all()), scheme
-    cond = smc._conditional_multinomial(gen, w[None, :].expand(100, -1).contiguous())
+    cond = smc._conditional_resample("multinomial", gen, w[None, :].expand(100, -1).contiguous())
     assert bool((cond[:, 0] == 0).all())
 
 

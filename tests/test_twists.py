@@ -177,7 +177,10 @@ def test_tri_tsmc_learns_the_twist_and_cuts_the_variance() -> None:
     assert result.history[-1].ess_fraction > 2 * result.history[0].ess_fraction
 
     def law(tw: LinearTwist) -> dict[tuple[int, ...], float]:
-        return twisted_proposal_law(target, lambda xs, lp: tw.log_twist(target, xs, lp, gen(0))[0])
+        out: dict[tuple[int, ...], float] = twisted_proposal_law(
+            target, lambda xs, lp: tw.log_twist(target, xs, lp, gen(0))[0]
+        )
+        return out
 
     tv0, tv1 = tv(law(start), pi), tv(law(result.twist), pi)
     assert tv1 < tv0 / 4, (tv0, tv1)
@@ -212,7 +215,7 @@ def test_bad_twists_fail_early() -> None:
     with pytest.raises(ValueError, match="shape"):
         check_twist_output(torch.zeros(2), 1, "t")
     with pytest.raises(TypeError, match="PrefixPotential"):
-        LookaheadTwist(object())  # type: ignore[arg-type]
+        LookaheadTwist(object())
     with pytest.raises(ValueError, match="sigma"):
         LogNormalNoise(ExactPotential(power_toy()), -1.0)
     with pytest.raises(ValueError, match="num_rollouts"):

@@ -5,6 +5,8 @@ r"""Exact quantities of the SMC samplers on enumerable toys (``specs/smc.md`` §
   over the *stopped* state space with cap ``t``: complete responses of length ``<= t`` weigh
   ``p(x) G(x)``, incomplete prefixes of length ``t`` weigh ``p(s) psi(s)``. Resample-move must
   leave it invariant.
+* :func:`move_kernel` — the exact transition matrix of one resample-move MH move over the stopped
+  states of ``gamma_t`` (uniform or entropy-jump cuts, with or without the cut-law correction).
 * :func:`twisted_proposal_law` — the path law of the twist-induced (locally optimal) proposal
   ``q_psi(v | s) ∝ p(v | s) psi(s + v)``, the sampler's law with one particle; with the exact twist
   it is ``pi``.
@@ -17,6 +19,12 @@ r"""Exact quantities of the SMC samplers on enumerable toys (``specs/smc.md`` §
   ``E_SMC[log Ẑ] = log Z - KL(q ‖ pi)`` and ``E_pi[log Ẑ_CSMC] = log Z + KL(pi ‖ q)``, ``q`` the
   proposal's path law (twists telescope with one particle, so neither depends on the twist).
 
+* :func:`best_of_n_law` — the exact law of the best-of-``N`` selection (first maximiser of the
+  log-tilt among ``N`` i.i.d. draws of ``p_ref``), what FK steering's ``bon`` output follows.
+* :func:`ancestor_law`, :func:`conditional_ancestor_law` — the exact law of the ancestor vector of
+  every resampling scheme (symmetrised: uniform input order and output slots, as the conditional
+  schemes of :mod:`tiltsample.resampling` require), and that law given ``A_0 = 0``.
+
 * :func:`spec_toy`, :func:`modes_table`, :func:`sandwich_table` — the measurements of
   ``specs/smc.md`` §14 and §9 (``python -m tiltsample.theory.smc_exact`` prints them; the numbers
   are in ``docs/samplers/smc.md``).
@@ -26,6 +34,7 @@ All arithmetic is float64 log space; ``-inf`` marks impossible states, never NaN
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -42,11 +51,16 @@ from tiltsample.types import Cost, Seq
 
 __all__ = [
     "ExactStatePotential",
+    "MoveKernel",
     "OneParticleBounds",
+    "ancestor_law",
+    "best_of_n_law",
+    "conditional_ancestor_law",
     "diffusion_target_law",
     "evidence_weighted_law",
     "intermediate_law",
     "modes_table",
+    "move_kernel",
     "one_particle_bounds",
     "prefix_log_probs",
     "sandwich_table",
@@ -141,6 +155,136 @@ def intermediate_law(
     logs = torch.tensor([values[s] for s in keys], dtype=torch.float64)
     probs = torch.softmax(logs, dim=0)
     return dict(zip(keys, probs.tolist(), strict=True))
+
+
+class MoveKernel(NamedTuple):
+    """One MH move as a matrix: ``matrix[a, b] = P(x_b | x_a)`` over ``states``."""
+
+    states: list[Seq]
+    matrix: Tensor
+    gamma: Tensor
+    """The normalised intermediate target ``gamma_t`` on ``states``."""
+
+
+def move_kernel(
+    target: TiltedTarget,
+    t: int,
+    log_twist: LogTwist | str = "none",
+    *,
+    temperature: float = 1.0,
+    cut: str = "uniform",
+    cut_power: float = 4.0,
+    correct: bool = True,
+) -> MoveKernel:
+    r"""Exact transition matrix of one resample-move step of :mod:`tiltsample.samplers.smc`.
+
+    States are the support of ``gamma_t`` (:func:`intermediate_law`). From ``x`` (length
+    ``n_x``; ``t`` if incomplete) a cut ``j`` is drawn: ``cut="uniform"`` is the sampler's shared
+    cut, ``j`` uniform on ``[0, t)`` with no move when ``j >= n_x``; ``"entropy_jump"`` is
+    ``c_x(j) ∝ max(0, H_j - H_{j-1})^cut_power`` on ``[0, n_x)`` (uniform when every jump is 0),
+    ``H_j`` the entropy of ``p_ref(. | x_<j)``. The suffix is regenerated from ``p_ref`` at
+    ``temperature`` until EOS or length ``t`` (EOS forced at ``L - 1`` under
+    ``truncation="condition"`` when ``t = L``), and accepted with
+
+    .. math::
+
+        \min\Big(1, \frac{\gamma_t(x') q(x_{j:}) c_{x'}(j)}{\gamma_t(x) q(x'_{j:}) c_x(j)}\Big).
+
+    ``correct=False`` drops ``c_{x'}(j)/c_x(j)`` (the naive kernel, not ``gamma_t``-invariant for
+    a particle-dependent cut law). Tiny toys only (one policy call per prefix).
+    """
+    from tiltsample.samplers.mh import cut_log_probs
+
+    gamma = intermediate_law(target, t, log_twist)
+    states = list(gamma)
+    index = {x: i for i, x in enumerate(states)}
+    eos, cap = target.eos_id, target.max_new_tokens
+    condition = target.truncation == "condition"
+    cache: dict[Seq, Tensor] = {}
+
+    def logp(prefix: Seq) -> Tensor:
+        if prefix not in cache:
+            cache[prefix] = target.policy.next_logprobs(target.prompt, [prefix])[0].to(
+                torch.float64
+            )
+        return cache[prefix]
+
+    def entropy(prefix: Seq) -> float:
+        lp = logp(prefix)
+        fin = torch.isfinite(lp)
+        return float(-torch.where(fin, torch.exp(lp) * lp, torch.zeros_like(lp)).sum())
+
+    def suffixes(prefix: Seq) -> list[tuple[Seq, float]]:
+        """Stopped continuations of ``prefix`` with cap ``t`` and their ``log q``."""
+        out: list[tuple[Seq, float]] = []
+        stack: list[tuple[Seq, float]] = [(prefix, 0.0)]
+        while stack:
+            u, lq = stack.pop()
+            if len(u) == t:
+                out.append((u, lq))
+                continue
+            if condition and len(u) == cap - 1:
+                out.append(((*u, eos), lq))
+                continue
+            lp = logp(u)
+            lqs = lp if temperature == 1.0 else torch.log_softmax(lp / temperature, dim=0)
+            for v, value in enumerate(lqs.tolist()):
+                if value == -math.inf:
+                    continue
+                child = (*u, v)
+                if v == eos:
+                    out.append((child, lq + value))
+                else:
+                    stack.append((child, lq + value))
+        return out
+
+    def length(x: Seq) -> int:
+        return len(x) if target.is_complete(x) else t
+
+    def log_cut(x: Seq) -> list[float]:
+        n_x = length(x)
+        if cut == "uniform":
+            return [-math.log(t)] * t
+        h = torch.tensor([[entropy(x[:k]) for k in range(n_x)]], dtype=torch.float64)
+        values: list[float] = cut_log_probs(h, torch.tensor([n_x]), cut, cut_power)[0].tolist()
+        return values
+
+    def log_q_suffix(x: Seq, j: int) -> float:
+        total = 0.0
+        for k in range(j, len(x)):
+            if condition and k == cap - 1:
+                continue
+            lp = logp(x[:k])
+            lqs = lp if temperature == 1.0 else torch.log_softmax(lp / temperature, dim=0)
+            total += float(lqs[x[k]])
+        return total
+
+    size = len(states)
+    matrix = torch.zeros((size, size), dtype=torch.float64)
+    log_gamma = {x: math.log(p) for x, p in gamma.items()}
+    for a, x in enumerate(states):
+        cx = log_cut(x)
+        for j, lc in enumerate(cx):
+            if lc == -math.inf:
+                continue
+            pc = math.exp(lc)
+            if j >= length(x):  # uniform shared cut past the end: no move
+                matrix[a, a] += pc
+                continue
+            back = log_q_suffix(x, j)
+            for y, lq in suffixes(x[:j]):
+                prob = pc * math.exp(lq)
+                if y not in index:
+                    matrix[a, a] += prob
+                    continue
+                log_r = log_gamma[y] + back - log_gamma[x] - lq
+                if correct and cut != "uniform":
+                    log_r += log_cut(y)[j] - lc
+                acc = 1.0 if log_r >= 0 else math.exp(log_r)
+                matrix[a, index[y]] += prob * acc
+                matrix[a, a] += prob * (1 - acc)
+    probs = torch.tensor([gamma[x] for x in states], dtype=torch.float64)
+    return MoveKernel(states, matrix, probs)
 
 
 def twisted_proposal_law(target: TiltedTarget, log_twist: LogTwist) -> dict[Seq, float]:
@@ -239,6 +383,39 @@ def diffusion_target_law(target: TiltedTarget) -> tuple[dict[Seq, float], float]
     return {x: p for x, p in zip(seqs, probs, strict=True) if p > 0}, log_z
 
 
+def best_of_n_law(target: TiltedTarget, n: int) -> dict[Seq, float]:
+    r"""Exact law of the best of ``n`` i.i.d. draws of ``p_ref`` (first maximiser of the log-tilt).
+
+    .. math::
+
+        P(\text{best} = x) = p(x) \sum_{k=0}^{n-1} a(x)^k\, b(x)^{n-1-k},
+
+    with ``a = P(score < score(x))`` (the draws before ``x``) and ``b = P(score <= score(x))``
+    (after it); ``score`` is the log-tilt, ``-inf`` off the target's support. ``p_ref`` is the
+    output law of a masked-diffusion toy (``output_logprobs``) or the enumerated responses of an
+    autoregressive one.
+    """
+    policy = target.policy
+    if callable(getattr(policy, "output_logprobs", None)):
+        ref = policy.output_logprobs()  # type: ignore[attr-defined]
+    else:
+        ref = {s: v for s, v in prefix_log_probs(target).items() if target.is_complete(s)}
+    seqs = list(ref)
+    log_ref = torch.tensor([ref[x] for x in seqs], dtype=torch.float64)
+    tilt = target.evaluate_tilt(seqs, log_reference=log_ref).log_tilt
+    ok = torch.tensor([target.is_complete(x) for x in seqs], dtype=torch.bool)
+    score = torch.where(ok, tilt, torch.full_like(tilt, -math.inf)).tolist()
+    probs = torch.exp(log_ref).tolist()
+    out: dict[Seq, float] = {}
+    for x, sx, px in zip(seqs, score, probs, strict=True):
+        a = sum(p for s, p in zip(score, probs, strict=True) if s < sx)
+        b = sum(p for s, p in zip(score, probs, strict=True) if s <= sx)
+        value = px * sum(a**k * b ** (n - 1 - k) for k in range(n))
+        if value > 0:
+            out[x] = value
+    return out
+
+
 class ExactStatePotential:
     r"""The exact energy ``log E[G(x_0) | state, step]`` of masked-diffusion states.
 
@@ -317,6 +494,89 @@ def evidence_weighted_law(result: SampleSet, log_z: float) -> tuple[dict[Seq, fl
 
 
 # --------------------------------------------------------------------------- reference tables
+# --------------------------------------------------------------------------- resampling laws
+def _interval_outcomes(cdf: list[float], k: int, n: int) -> list[tuple[int, float]]:
+    """``[(ancestor, probability)]`` of the point ``(k + U)/n``, ``U ~ U[0, 1)``, under ``cdf``."""
+    cuts = sorted({0.0, 1.0, *(n * c - k for c in cdf if 0.0 < n * c - k < 1.0)})
+    out: dict[int, float] = {}
+    for a, b in itertools.pairwise(cuts):
+        u = (k + 0.5 * (a + b)) / n
+        idx = next((i for i, c in enumerate(cdf) if u < c), len(cdf) - 1)
+        out[idx] = out.get(idx, 0.0) + (b - a)
+    return list(out.items())
+
+
+def _multiset_law(scheme: str, w: list[float], n: int) -> dict[tuple[int, ...], float]:
+    """Exact law of the sorted multiset of ancestors (averaged over input orders)."""
+    size = len(w)
+    law: dict[tuple[int, ...], float] = {}
+
+    def add(key: Sequence[int], prob: float) -> None:
+        k = tuple(sorted(key))
+        law[k] = law.get(k, 0.0) + prob
+
+    if scheme == "multinomial":
+        for draw in itertools.product(range(size), repeat=n):
+            add(draw, math.prod(w[i] for i in draw))
+    elif scheme == "residual":
+        copies = [math.floor(n * x) for x in w]
+        rest = n - sum(copies)
+        resid = [n * x - c for x, c in zip(w, copies, strict=True)]
+        base = [i for i, c in enumerate(copies) for _ in range(c)]
+        total = sum(resid)
+        for draw in itertools.product(range(size), repeat=rest):
+            add(base + list(draw), math.prod(resid[i] / total for i in draw))
+    else:
+        orders = list(itertools.permutations(range(size)))
+        for tau in orders:
+            cdf = list(itertools.accumulate(w[i] for i in tau))
+            cdf[-1] = 1.0
+            if scheme == "systematic":
+                cuts = sorted(
+                    {0.0, 1.0} | {n * c - k for c in cdf for k in range(n) if 0.0 < n * c - k < 1.0}
+                )
+                for a, b in itertools.pairwise(cuts):
+                    u = 0.5 * (a + b)
+                    picks = [
+                        tau[next((i for i, c in enumerate(cdf) if (k + u) / n < c), size - 1)]
+                        for k in range(n)
+                    ]
+                    add(picks, (b - a) / len(orders))
+            else:  # stratified: independent strata
+                per = [_interval_outcomes(cdf, k, n) for k in range(n)]
+                for combo in itertools.product(*per):
+                    add([tau[i] for i, _ in combo], math.prod(p for _, p in combo) / len(orders))
+    return law
+
+
+def ancestor_law(scheme: str, weights: Sequence[float], n: int) -> dict[tuple[int, ...], float]:
+    """Exact law of the ancestor vector ``A`` (length ``n``) of the symmetrised scheme.
+
+    The multiset ``S`` of ancestors follows the scheme (stratified/systematic averaged over the
+    ``K!`` input orders); the output slots are a uniform arrangement of ``S``:
+    ``P(A = a) = P(S) prod_i c_i! / n!``. Every slot then has ``P(A_k = i) = W_i``. Tiny ``K``
+    and ``n`` only (``K^n`` ancestor vectors).
+    """
+    total = float(sum(weights))
+    w = [float(x) / total for x in weights]
+    law: dict[tuple[int, ...], float] = {}
+    for multiset, prob in _multiset_law(scheme, w, n).items():
+        arrangements = set(itertools.permutations(multiset))
+        for a in arrangements:
+            law[a] = law.get(a, 0.0) + prob / len(arrangements)
+    return law
+
+
+def conditional_ancestor_law(
+    scheme: str, weights: Sequence[float], n: int
+) -> dict[tuple[int, ...], float]:
+    """``P(A = a | A_0 = 0)`` for the symmetrised scheme (:func:`ancestor_law`), the law a
+    conditional scheme must sample."""
+    law = ancestor_law(scheme, weights, n)
+    mass = sum(p for a, p in law.items() if a[0] == 0)
+    return {a: p / mass for a, p in law.items() if a[0] == 0}
+
+
 class _CountReward:
     """``r(x) = #{token 1 in x}`` (the tilt ``1.5 · #token`` of ``specs/smc.md`` §14)."""
 

@@ -1,0 +1,188 @@
+"""Resample-move with entropy-jump cuts (samplers/smc.py, specs/smc.md §8).
+
+Exact: the move's transition matrix (theory.smc_exact.move_kernel) satisfies detailed balance for
+gamma_t with the cut-law correction, and is not gamma_t-invariant without it. Implementation:
+one move of the sampler from a fixed state has the kernel's row as its law (chi-square), moves
+leave exact draws of gamma_t at gamma_t, and SMC with entropy-cut moves targets pi (its
+evidence-weighted law is within sampling noise of pi).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from tiltsample import TiltedTarget
+from tiltsample.samplers import smc
+from tiltsample.target import Truncation
+from tiltsample.targets.rewards import ConstraintReward, CountFractionReward
+from tiltsample.targets.tabular import random_tabular
+from tiltsample.theory import ExactPotential, exact_distribution, tv
+from tiltsample.theory.smc_exact import evidence_weighted_law, move_kernel
+
+TRUNCATIONS: tuple[Truncation, ...] = ("stop", "condition")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _serial_torch() -> Iterator[None]:
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def toy(truncation: Truncation = "stop", seed: int = 0, concentration: float = 0.8) -> TiltedTarget:
+    """V = 3 (EOS = 0), L = 4, reward = fraction of token 1, first token != 2 unless alone."""
+    policy = random_tabular(torch.Generator().manual_seed(seed), 3, 4, concentration=concentration)
+    target = TiltedTarget(policy, CountFractionReward(1, 0), 0.5, (), 4, truncation)
+    return target.tilt(ConstraintReward(lambda x: not (len(x) > 1 and x[0] == 2)))
+
+
+def _merge(
+    obs: list[float], exp: list[float], floor: float = 5.0
+) -> tuple[list[float], list[float]]:
+    ko, ke, ro, re = [], [], 0.0, 0.0
+    for o, e in zip(obs, exp, strict=True):
+        if e < floor:
+            ro, re = ro + o, re + e
+        else:
+            ko.append(o)
+            ke.append(e)
+    if re > 0:
+        ko.append(ro)
+        ke.append(re)
+    return ko, [e * sum(ko) / sum(ke) for e in ke]
+
+
+@pytest.mark.parametrize("truncation", TRUNCATIONS)
+@pytest.mark.parametrize("twist", ["none", "exact"])
+def test_entropy_cut_kernel_is_reversible_only_with_the_cut_correction(
+    truncation: Truncation, twist: str
+) -> None:
+    target = toy(truncation)
+    for t in (2, 3, 4):
+        for power in (1.0, 4.0):
+            k = move_kernel(target, t, twist, temperature=0.7, cut="entropy_jump", cut_power=power)
+            assert torch.allclose(k.matrix.sum(1), torch.ones(len(k.states), dtype=torch.float64))
+            flow = k.gamma[:, None] * k.matrix
+            assert float((flow - flow.T).abs().max()) < 1e-14
+            naive = move_kernel(
+                target,
+                t,
+                twist,
+                temperature=0.7,
+                cut="entropy_jump",
+                cut_power=power,
+                correct=False,
+            )
+            drift = float((k.gamma @ naive.matrix - k.gamma).abs().sum())
+            assert drift > (1e-2 if power == 1.0 else 1e-5), (t, power, drift)  # needed
+
+
+def _one_move_from(
+    target: TiltedTarget,
+    x: tuple[int, ...],
+    anchor: tuple[int, ...],
+    n: int,
+    seed: int,
+    **params: Any,
+) -> Counter[tuple[int, ...]]:
+    """One move of ``n`` copies of ``x``; the extra ``anchor`` row (length ``t``, dropped from
+    the counts) fixes the session length ``t`` when ``x`` is shorter."""
+    gen = torch.Generator().manual_seed(seed)
+    state = smc.state_from_sequences(target, [x] * n + [anchor], generator=gen, **params)
+    moved = smc.rejuvenate(state, gen, num_moves=1, **params)
+    return Counter(smc.result(moved).sequences[:n])
+
+
+@pytest.mark.parametrize("truncation", TRUNCATIONS)
+def test_one_sampler_move_draws_the_kernel_row(truncation: Truncation) -> None:
+    """From the two states where the cut correction changes the kernel row most (chi-square
+    noncentrality of the uncorrected row > 50 at this n, so a missing correction fails), one
+    sampler move has the exact row as its law."""
+    target = toy(truncation)
+    params: dict[str, Any] = {
+        "twist": "none",
+        "move_temperature": 0.7,
+        "move_cut": "entropy_jump",
+        "move_cut_power": 1.0,
+    }
+    t, n = 3, 4000
+    kw: dict[str, Any] = {"temperature": 0.7, "cut": "entropy_jump", "cut_power": 1.0}
+    k = move_kernel(target, t, "none", **kw)
+    naive = move_kernel(target, t, "none", correct=False, **kw)
+    support = k.matrix > 0
+    gap = torch.where(support, (naive.matrix - k.matrix) ** 2 / k.matrix, 0.0).sum(1) * n
+    anchor = next(x for x in k.states if len(x) == t)
+    for a in torch.argsort(gap, descending=True)[:2].tolist():
+        assert float(gap[a]) > 50
+        counts = _one_move_from(target, k.states[a], anchor, n, seed=a, **params)
+        assert set(counts) <= set(k.states)
+        row = k.matrix[a].tolist()
+        obs, exp = _merge([counts.get(y, 0) for y in k.states], [p * n for p in row])
+        assert chisquare(obs, exp).pvalue > 1e-3, (k.states[a], counts)
+
+
+@pytest.mark.parametrize("truncation", TRUNCATIONS)
+@pytest.mark.parametrize("proposal", ["reference", "optimal"])
+def test_entropy_cut_moves_leave_gamma_t_invariant(truncation: Truncation, proposal: str) -> None:
+    """With the exact twist, gamma_t (and the fully adapted target of the optimal proposal,
+    p(s) sum_v p(v|s) V(s v) = p(s) V(s)) is the time-t marginal of pi."""
+    target = toy(truncation)
+    pot = ExactPotential(target)
+    params: dict[str, Any] = {
+        "twist": "lookahead",
+        "potential": pot,
+        "proposal": proposal,
+        "move_temperature": 1.5,
+        "move_cut": "entropy_jump",
+    }
+    n = 3000
+    for t in (2, target.max_new_tokens):
+        k = move_kernel(target, t, "exact", temperature=1.5, cut="entropy_jump")
+        gen = torch.Generator().manual_seed(t)
+        idx = torch.multinomial(k.gamma, n, replacement=True, generator=gen)
+        state = smc.state_from_sequences(
+            target, [k.states[i] for i in idx.tolist()], generator=gen, **params
+        )
+        moved = smc.rejuvenate(state, gen, num_moves=3, **params)
+        assert 0.05 < moved.moves_accepted / moved.moves_proposed < 1.0
+        counts = Counter(smc.result(moved).sequences)
+        assert set(counts) <= set(k.states)
+        obs, exp = _merge([counts.get(y, 0) for y in k.states], (k.gamma * n).tolist())
+        assert chisquare(obs, exp).pvalue > 1e-3
+
+
+def test_smc_with_entropy_cut_moves_targets_pi() -> None:
+    """Evidence-weighted law of R runs (unbiased for pi at every N) within 4 noise units."""
+    target = toy("stop")
+    pi = exact_distribution(target)
+    r, n = 600, 8
+    state = smc.run(
+        target,
+        num_particles=n,
+        num_runs=r,
+        generator=torch.Generator().manual_seed(5),
+        ess_threshold=1.0,
+        num_moves=2,
+        move_cut="entropy_jump",
+    )
+    assert state.moves_accepted > 0
+    law, noise = evidence_weighted_law(smc.result(state), pi.log_z)
+    dist = tv(law, pi)
+    assert dist < 4 * noise, (dist, noise)
+    ratio = torch.exp(smc.log_evidence_runs(state) - pi.log_z)
+    assert abs(float(ratio.mean()) - 1) < 4 * float(ratio.std()) / math.sqrt(r)
+
+
+def test_bad_cut_names_itself() -> None:
+    with pytest.raises(ValueError, match="move_cut"):
+        smc.sampler(toy(), num_samples=4, move_cut="entropy")
+    with pytest.raises(ValueError, match="move_cut_power"):
+        smc.sampler(toy(), num_samples=4, move_cut_power=0.0)
