@@ -41,8 +41,14 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from tiltsample import validation
 from tiltsample.diffusion import initial_states
+from tiltsample.samplers.twists import (
+    LinearFamily,
+    OneHotTable,
+    ess_fraction,
+    tempered_path_weights,
+    tri_parameters,
+)
 from tiltsample.target import TiltedTarget
 from tiltsample.types import Cost, Seq
 
@@ -57,17 +63,15 @@ StateFeatures = Callable[[Tensor], Tensor]
 """``features(states [B, L]) -> Tensor[B, F]`` (float64)."""
 
 
-class StateTable:
+class StateTable(OneHotTable):
     """One-hot features over a fixed list of partially masked states (the saturated family)."""
+
+    unit = "states"
 
     def __init__(self, states: Sequence[Seq]) -> None:
         keys = sorted({tuple(int(t) for t in s) for s in states})
+        super().__init__(keys)
         self.states: list[Seq] = keys
-        self.index = {s: i for i, s in enumerate(keys)}
-
-    @property
-    def num_features(self) -> int:
-        return len(self.states)
 
     @classmethod
     def from_target(cls, target: TiltedTarget) -> StateTable:
@@ -88,50 +92,23 @@ class StateTable:
         return cls(sorted(found))
 
     def __call__(self, states: Tensor) -> Tensor:
-        out = torch.zeros((int(states.shape[0]), self.num_features), dtype=torch.float64)
-        for b, row in enumerate(states.tolist()):
-            i = self.index.get(tuple(row))
-            if i is not None:
-                out[b, i] = 1.0
-        return out
-
-    def __repr__(self) -> str:
-        return f"StateTable({self.num_features} states)"
+        return self.one_hot(states.tolist())
 
 
-class LinearStateTwist:
-    """``log psi_theta(s) = theta · phi(s)``: a deterministic, free ``StatePotential``."""
+class LinearStateTwist(LinearFamily):
+    """``log psi_theta(s) = theta · phi(s)``: a deterministic, free ``StatePotential``.
 
-    def __init__(self, features: StateFeatures, theta: Tensor | None = None) -> None:
-        if not callable(features):
-            raise TypeError("features must be callable as features(states)")
-        self.features = features
-        if theta is None:
-            size = getattr(features, "num_features", None)
-            if not isinstance(size, int):
-                raise ValueError("theta is required when features has no num_features attribute")
-            theta = torch.zeros(size, dtype=torch.float64)
-        theta = torch.as_tensor(theta, dtype=torch.float64)
-        if theta.dim() != 1 or not bool(torch.isfinite(theta).all()):
-            raise ValueError("theta must be a finite 1-D tensor")
-        self.theta = theta
+    Parameters (checked by :class:`~tiltsample.samplers.twists.LinearFamily`): ``features``, a
+    :data:`StateFeatures` map (e.g. :class:`StateTable`), and ``theta`` (default zeros).
+    """
 
-    def with_theta(self, theta: Tensor) -> LinearStateTwist:
-        return LinearStateTwist(self.features, theta.detach().clone())
+    features_call = "features(states)"
+    features: StateFeatures
 
     def log_potential_states(
         self, prompt: Seq, states: Tensor, step: int, generator: torch.Generator
     ) -> tuple[Tensor, Cost]:
-        phi = self.features(states).to(torch.float64)
-        if phi.shape != (int(states.shape[0]), self.theta.numel()):
-            raise ValueError(
-                f"features returned shape {tuple(phi.shape)}, expected "
-                f"({int(states.shape[0])}, {self.theta.numel()})"
-            )
-        return phi @ self.theta, Cost()
-
-    def __repr__(self) -> str:
-        return f"LinearStateTwist({self.features!r}, |theta|={self.theta.numel()})"
+        return self._linear(self.features(states), int(states.shape[0])), Cost()
 
 
 class StateTwistStep(NamedTuple):
@@ -193,27 +170,15 @@ def learn_state_twist(
 
     if not isinstance(twist, LinearStateTwist):
         raise TypeError(f"twist must be a LinearStateTwist, got {type(twist).__name__}")
-    validation.generator("generator", generator)
-    iterations = validation.positive_int("num_iterations", num_iterations)
-    m = validation.positive_int("num_paths", num_paths)
-    beta = validation.unit_interval("step_size", step_size)
-    if beta == 0.0:
-        raise ValueError("step_size must lie in (0, 1], got 0")
-    if isinstance(l2, bool) or not isinstance(l2, int | float) or not l2 >= 0:
-        raise ValueError(f"l2 must be a number >= 0, got {l2!r}")
-    m_neg = m if num_negative is None else validation.positive_int("num_negative", num_negative)
-    prox = validation.positive_float("prox", prox)
-    max_iter = validation.positive_int("max_iter", max_iter)
+    iterations, m, beta, l2, max_iter, m_neg, prox = tri_parameters(
+        generator, num_iterations, num_paths, step_size, l2, max_iter, num_negative, prox
+    )
     history: list[StateTwistStep] = []
     cost = Cost()
     current = twist
     for k in range(iterations):
         paths, _, log_w, c1 = _trajectories(target, current, m, generator, "guided", 0.0)
-        finite = torch.isfinite(log_w)
-        if not bool(finite.any()):
-            raise ValueError("every sampled path has zero weight: no projection possible")
-        tempered = torch.where(finite, beta * log_w, torch.full_like(log_w, -math.inf))
-        weights = torch.exp(tempered - torch.logsumexp(tempered, 0))
+        weights = tempered_path_weights(log_w, beta)
         rows = torch.arange(m)
         positives = [(rows, current.features(s).to(torch.float64)) for s in paths]
         neg_states, neg_w, _, c2 = _trajectories(target, current, m_neg, generator, "base", 0.5)
@@ -225,7 +190,6 @@ def learn_state_twist(
         theta, value = _project(
             current.theta, positives, None, weights, float(l2), max_iter, negatives, prox
         )
-        ess = float(torch.exp(2 * torch.logsumexp(log_w, 0) - torch.logsumexp(2 * log_w, 0)))
-        history.append(StateTwistStep(k, ess / m, value))
+        history.append(StateTwistStep(k, ess_fraction(log_w), value))
         current = current.with_theta(theta)
     return StateTwistResult(current, history, cost)

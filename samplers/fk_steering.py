@@ -364,61 +364,40 @@ def _step(config: FKConfig, generator: torch.Generator, state: FKState) -> tuple
         phi_prev = phi
         log_w = _add(log_w, log_g)
         log_psi = log_psi + log_g
-    return _resample_and_pack(
-        config,
-        generator,
-        state,
-        _Interval(
-            states,
-            stop,
-            evaluations,
-            phi_prev,
-            phi_max,
-            phi_sum,
-            log_psi,
-            log_w,
-            log_tilt,
-            reward,
-            cost,
-        ),
+    moved = state._replace(
+        states=states,
+        step=stop,
+        evaluations=evaluations,
+        phi_prev=phi_prev,
+        phi_max=phi_max,
+        phi_sum=phi_sum,
+        log_psi=log_psi,
+        log_w=log_w,
+        log_tilt=log_tilt,
+        reward=reward,
     )
-
-
-class _Interval(NamedTuple):
-    """Per-row arrays after an interval of denoising steps, before resampling."""
-
-    states: Tensor
-    stop: int
-    evaluations: int
-    phi_prev: Tensor
-    phi_max: Tensor
-    phi_sum: Tensor
-    log_psi: Tensor
-    log_w: Tensor
-    log_tilt: Tensor
-    reward: Tensor
-    cost: Cost
+    return _resample_and_pack(config, generator, moved, cost)
 
 
 def _resample_and_pack(
-    config: FKConfig, generator: torch.Generator, state: FKState, out: _Interval
+    config: FKConfig, generator: torch.Generator, moved: FKState, cost: Cost
 ) -> tuple[FKState, FKInfo]:
-    """The resampling decision (never after the last step) and the new state."""
-    target = state.target
-    total = int(target.policy.num_steps)  # type: ignore[attr-defined]
-    n, groups = state.num_particles, state.num_groups
+    """The resampling decision (never after the last step) and the new state.
+
+    ``moved``: the state after an interval of denoising steps and its potentials, before
+    resampling (``log_z``, ``resample_count`` and ``cost`` still those before the interval);
+    ``cost``: the interval's cost.
+    """
+    total = int(moved.target.policy.num_steps)  # type: ignore[attr-defined]
+    n, groups = moved.num_particles, moved.num_groups
     m = n * groups
-    states, stop, evaluations, cost = out.states, out.stop, out.evaluations, out.cost
-    phi_prev, phi_max, phi_sum = out.phi_prev, out.phi_max, out.phi_sum
-    log_psi, log_w, log_tilt, reward = out.log_psi, out.log_w, out.log_tilt, out.reward
+    stop = moved.step
     if stop == total and config.potential == "bon":
-        states, log_w, log_psi, log_tilt, reward = _sort_by_tilt(
-            n, groups, states, log_w, log_psi, log_tilt, reward
-        )
+        moved = _sort_by_tilt(moved)
     # resampling (never after the last step)
-    log_z = state.log_z.clone()
-    counts = state.resample_count.clone()
-    lw = log_w.view(groups, n)
+    log_z = moved.log_z.clone()
+    counts = moved.resample_count.clone()
+    lw = moved.log_w.view(groups, n)
     ess_now = ess_rows(lw)
     resampled = torch.zeros(groups, dtype=torch.bool)
     if stop < total and config.potential not in ("none", "bon"):  # IS: equal weights until the end
@@ -437,51 +416,38 @@ def _resample_and_pack(
             ancestors = torch.arange(m)
             ancestors.view(groups, n)[gs] = gs[:, None] * n + anc
             log_z[gs] = log_z[gs] + level[gs]
-            log_w = log_w.clone()
+            log_w = moved.log_w.clone()
             log_w.view(groups, n)[gs] = 0.0
-            states = states[ancestors]
-            log_psi, phi_prev = log_psi[ancestors], phi_prev[ancestors]
-            phi_max, phi_sum = phi_max[ancestors], phi_sum[ancestors]
+            moved = moved._replace(
+                states=moved.states[ancestors],
+                log_psi=moved.log_psi[ancestors],
+                phi_prev=moved.phi_prev[ancestors],
+                phi_max=moved.phi_max[ancestors],
+                phi_sum=moved.phi_sum[ancestors],
+                log_w=log_w,
+            )
             counts[gs] += 1
-    new = FKState(
-        target,
-        n,
-        groups,
-        states,
-        stop,
-        evaluations,
-        phi_prev,
-        phi_max,
-        phi_sum,
-        log_psi,
-        log_w,
-        log_z,
-        log_tilt,
-        reward,
-        counts,
-        state.cost + cost,
-    )
+    new = moved._replace(log_z=log_z, resample_count=counts, cost=moved.cost + cost)
     return new, FKInfo(cost, ess_now, resampled)
 
 
-def _sort_by_tilt(
-    n: int,
-    groups: int,
-    states: Tensor,
-    log_w: Tensor,
-    log_psi: Tensor,
-    log_tilt: Tensor,
-    reward: Tensor,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _sort_by_tilt(state: FKState) -> FKState:
     """Order each run's particles by final log-tilt, best first (ties: lower index first).
 
     A permutation inside a run changes neither its weighted particle law nor its evidence; it
     makes particle 0 of each run the best-of-``N`` selection (FK steering's ``bon`` output).
     """
+    n, groups, log_tilt = state.num_particles, state.num_groups, state.log_tilt
     key = torch.where(torch.isnan(log_tilt), torch.full_like(log_tilt, -math.inf), log_tilt)
     order = torch.sort(-key.view(groups, n), dim=1, stable=True).indices
     perm = (order + torch.arange(groups)[:, None] * n).flatten()
-    return states[perm], log_w[perm], log_psi[perm], log_tilt[perm], reward[perm]
+    return state._replace(
+        states=state.states[perm],
+        log_w=state.log_w[perm],
+        log_psi=state.log_psi[perm],
+        log_tilt=log_tilt[perm],
+        reward=state.reward[perm],
+    )
 
 
 def _guided_step(
@@ -556,20 +522,17 @@ def _guided_step(
         if last:
             log_tilt = phi[chosen]
             reward = kid_reward[chosen]
-    out = _Interval(
-        states,
-        stop,
-        evaluations,
-        log_psi.clone(),
-        state.phi_max,
-        state.phi_sum,
-        log_psi,
-        log_w,
-        log_tilt,
-        reward,
-        cost,
+    moved = state._replace(
+        states=states,
+        step=stop,
+        evaluations=evaluations,
+        phi_prev=log_psi.clone(),
+        log_psi=log_psi,
+        log_w=log_w,
+        log_tilt=log_tilt,
+        reward=reward,
     )
-    return _resample_and_pack(config, generator, state, out)
+    return _resample_and_pack(config, generator, moved, cost)
 
 
 def log_evidence_runs(state: FKState) -> Tensor:

@@ -79,7 +79,8 @@ import torch
 from torch import Tensor
 
 from tiltsample import validation
-from tiltsample.decoding import rows_to_seqs, sample_categorical, tempered_logprobs
+from tiltsample.decoding import decode_until_complete, rows_to_seqs
+from tiltsample.decoding import entropy as _entropy
 from tiltsample.diffusion import is_masked_diffusion
 from tiltsample.policy import DecodeSession, open_session
 from tiltsample.resampling import SCHEMES, conditional_resample_indices, resample_indices
@@ -331,65 +332,6 @@ def _tempered(log_p: Tensor, temperature: float) -> Tensor:
     """``log softmax(log_p / tau)`` with ``-inf`` kept (same law as
     :func:`tiltsample.decoding.tempered_logprobs`)."""
     return log_p if temperature == 1.0 else _log_normalise(log_p / temperature)
-
-
-def _entropy(log_p: Tensor) -> Tensor:
-    """Row-wise Shannon entropy of normalised ``log_p`` ``[B, V]`` (``0 log 0 = 0``)."""
-    finite = torch.isfinite(log_p)
-    return -torch.where(finite, torch.exp(log_p) * log_p, torch.zeros_like(log_p)).sum(dim=1)
-
-
-class _Suffix(NamedTuple):
-    tokens: Tensor
-    token_log_p: Tensor
-    token_log_q: Tensor
-    entropy: Tensor
-    generated_tokens: int
-
-
-def _decode_suffix(
-    session: DecodeSession,
-    generator: torch.Generator,
-    *,
-    eos_id: int,
-    max_length: int,
-    temperature: float,
-    force_eos_at_cap: bool,
-) -> _Suffix:
-    """:func:`tiltsample.decoding.decode_until_complete` (same draws from the generator) that also
-    records the entropy of ``p_ref`` at every new position (the entropy-jump cut law)."""
-    batch, start = session.batch_size, session.length
-    live = (
-        ~(session.tokens() == eos_id).any(dim=1) if start else torch.ones(batch, dtype=torch.bool)
-    )
-    toks: list[Tensor] = []
-    cols: list[list[Tensor]] = [[], [], []]
-    generated = 0
-    for position in range(start, max_length):
-        if not bool(live.any()):
-            break
-        log_p = session.logprobs().to(torch.float64)
-        if force_eos_at_cap and position == max_length - 1:
-            tok = torch.full((batch,), eos_id, dtype=torch.long)
-            lq = torch.zeros(batch, dtype=torch.float64)
-        else:
-            log_q_all = tempered_logprobs(log_p, temperature)
-            tok = sample_categorical(generator, log_q_all)
-            lq = log_q_all.gather(1, tok[:, None]).squeeze(1)
-        lp = log_p.gather(1, tok[:, None]).squeeze(1)
-        tok = torch.where(live, tok, torch.full_like(tok, eos_id))
-        zero = torch.zeros_like(lp)
-        toks.append(tok)
-        for col, value in zip(cols, (lp, lq, _entropy(log_p)), strict=True):
-            col.append(torch.where(live, value, zero))
-        generated += int(live.sum())
-        session.extend(tok)
-        live = live & (tok != eos_id)
-    if not toks:
-        empty = torch.zeros((batch, 0), dtype=torch.float64)
-        return _Suffix(torch.zeros((batch, 0), dtype=torch.long), empty, empty, empty, 0)
-    lp_t, lq_t, h_t = (torch.stack(c, 1) for c in cols)
-    return _Suffix(torch.stack(toks, 1), lp_t, lq_t, h_t, generated)
 
 
 def _draw(generator: torch.Generator, log_q: Tensor) -> Tensor:
@@ -991,14 +933,16 @@ def _move_group(
     twin = session.fork()
     twin.select(active)
     twin.truncate(t - j)
-    decoded = _decode_suffix(
+    decoded = decode_until_complete(
         twin,
         generator,
         eos_id=eos,
         max_length=t,
         temperature=config.move_temperature,
         force_eos_at_cap=target.truncation == "condition" and t == cap,
+        record_entropy=True,
     )
+    assert decoded.token_entropy is not None  # asked for with record_entropy=True
     a = active.numel()
     width = decoded.tokens.shape[1]
     new_suffix = torch.full((a, t - j), eos, dtype=torch.long)
@@ -1008,7 +952,7 @@ def _move_group(
     new_lq = torch.zeros((a, t - j), dtype=torch.float64)
     new_lq[:, :width] = decoded.token_log_q
     new_h = torch.zeros((a, t - j), dtype=torch.float64)
-    new_h[:, :width] = decoded.entropy
+    new_h[:, :width] = decoded.token_entropy
     prefix_lp = rows.tok_log_p[active, :j].sum(dim=1)
     new_log_p = prefix_lp + new_lp.sum(dim=1)
     new_finished = (new_suffix == eos).any(dim=1) | (t == cap)

@@ -54,7 +54,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple, Self
 
 import torch
 from torch import Tensor
@@ -67,10 +67,12 @@ from tiltsample.target import TiltedTarget
 from tiltsample.types import Cost, Seq
 
 __all__ = [
+    "LinearFamily",
     "LinearTwist",
     "LogNormalNoise",
     "LookaheadTwist",
     "NoTwist",
+    "OneHotTable",
     "PrefixTable",
     "PrefixTilt",
     "RolloutTwist",
@@ -596,7 +598,44 @@ FeatureMap = Callable[[Sequence[Seq], Tensor], Tensor]
 """``features(prefixes, log_reference) -> Tensor[B, F]`` (float64)."""
 
 
-class PrefixTable:
+class OneHotTable:
+    """One-hot features over a fixed list of token tuples: the saturated (tabular) family.
+
+    Row ``b`` of the features is the indicator of ``keys.index(row_b)`` (the zero vector for a
+    tuple outside the list). Shared by :class:`PrefixTable` and
+    :class:`~tiltsample.samplers.diffusion_twists.StateTable`.
+
+    Parameters
+    ----------
+    keys
+        The distinct tuples that get a parameter, in feature order.
+    """
+
+    unit: ClassVar[str] = "keys"
+    """What the keys are (named in the repr)."""
+
+    def __init__(self, keys: list[Seq]) -> None:
+        self.keys = keys
+        self.index = {s: i for i, s in enumerate(keys)}
+
+    @property
+    def num_features(self) -> int:
+        return len(self.keys)
+
+    def one_hot(self, rows: Sequence[Sequence[int]]) -> Tensor:
+        """``[len(rows), F]`` float64 indicators of the rows' positions in the list."""
+        out = torch.zeros((len(rows), self.num_features), dtype=torch.float64)
+        for b, row in enumerate(rows):
+            i = self.index.get(tuple(row))
+            if i is not None:
+                out[b, i] = 1.0
+        return out
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.num_features} {self.unit})"
+
+
+class PrefixTable(OneHotTable):
     """One-hot features over a fixed list of prefixes: the saturated (tabular) twist family.
 
     ``log psi_theta(s) = theta[index(s)]``; a prefix outside the list has the zero feature vector
@@ -610,14 +649,12 @@ class PrefixTable:
         ``p_ref`` reaches on an enumerable toy).
     """
 
+    unit = "prefixes"
+
     def __init__(self, prefixes: Sequence[Seq]) -> None:
         keys = sorted({tuple(int(t) for t in s) for s in prefixes}, key=lambda s: (len(s), s))
+        super().__init__(keys)
         self.prefixes: list[Seq] = keys
-        self.index = {s: i for i, s in enumerate(keys)}
-
-    @property
-    def num_features(self) -> int:
-        return len(self.prefixes)
 
     @classmethod
     def from_target(cls, target: TiltedTarget) -> PrefixTable:
@@ -629,18 +666,62 @@ class PrefixTable:
         return cls([s for s in prefixes if not target.is_complete(s)])
 
     def __call__(self, prefixes: Sequence[Seq], log_reference: Tensor) -> Tensor:
-        out = torch.zeros((len(prefixes), self.num_features), dtype=torch.float64)
-        for b, s in enumerate(prefixes):
-            i = self.index.get(tuple(s))
-            if i is not None:
-                out[b, i] = 1.0
-        return out
+        return self.one_hot(prefixes)
+
+
+class LinearFamily:
+    r"""Parameter handling shared by the linear twist families ``log psi_theta = theta · phi``.
+
+    :class:`LinearTwist` (prefixes) and
+    :class:`~tiltsample.samplers.diffusion_twists.LinearStateTwist` (masked-diffusion states)
+    differ only in what ``phi`` is evaluated on; this base checks the features and ``theta`` and
+    evaluates ``theta · phi`` against the feature map's output shape.
+
+    Parameters
+    ----------
+    features
+        ``phi``: a callable returning ``[B, F]`` features (with a ``num_features`` attribute if
+        ``theta`` is omitted).
+    theta
+        ``[F]`` finite parameters (default: zeros, i.e. ``psi = 1``).
+    """
+
+    features_call: ClassVar[str] = "features(...)"
+    """How ``features`` is called (named in the error for a non-callable one)."""
+
+    def __init__(self, features: Callable[..., Tensor], theta: Tensor | None = None) -> None:
+        if not callable(features):
+            raise TypeError(f"features must be callable as {self.features_call}")
+        self.features = features
+        if theta is None:
+            size = getattr(features, "num_features", None)
+            if not isinstance(size, int):
+                raise ValueError("theta is required when features has no num_features attribute")
+            theta = torch.zeros(size, dtype=torch.float64)
+        theta = torch.as_tensor(theta, dtype=torch.float64)
+        if theta.dim() != 1 or not bool(torch.isfinite(theta).all()):
+            raise ValueError("theta must be a finite 1-D tensor")
+        self.theta = theta
+
+    def with_theta(self, theta: Tensor) -> Self:
+        """The same family at other parameters."""
+        return type(self)(self.features, theta.detach().clone())
+
+    def _linear(self, phi: Tensor, batch: int) -> Tensor:
+        """``phi @ theta`` for ``batch`` feature rows ``phi`` (checked against ``[batch, F]``)."""
+        phi = phi.to(torch.float64)
+        if phi.shape != (batch, self.theta.numel()):
+            raise ValueError(
+                f"features returned shape {tuple(phi.shape)}, expected "
+                f"({batch}, {self.theta.numel()})"
+            )
+        return phi @ self.theta
 
     def __repr__(self) -> str:
-        return f"PrefixTable({self.num_features} prefixes)"
+        return f"{type(self).__name__}({self.features!r}, |theta|={self.theta.numel()})"
 
 
-class LinearTwist(Twist):
+class LinearTwist(LinearFamily, Twist):
     r"""A parametric twist family ``log psi_theta(s) = theta · phi(s)`` (incomplete ``s``).
 
     Deterministic and free (no model or reward call). Learned by :func:`tri_tsmc`; any
@@ -655,24 +736,8 @@ class LinearTwist(Twist):
     """
 
     name = "linear"
-
-    def __init__(self, features: FeatureMap, theta: Tensor | None = None) -> None:
-        if not callable(features):
-            raise TypeError("features must be callable as features(prefixes, log_reference)")
-        self.features = features
-        if theta is None:
-            size = getattr(features, "num_features", None)
-            if not isinstance(size, int):
-                raise ValueError("theta is required when features has no num_features attribute")
-            theta = torch.zeros(size, dtype=torch.float64)
-        theta = torch.as_tensor(theta, dtype=torch.float64)
-        if theta.dim() != 1 or not bool(torch.isfinite(theta).all()):
-            raise ValueError("theta must be a finite 1-D tensor")
-        self.theta = theta
-
-    def with_theta(self, theta: Tensor) -> LinearTwist:
-        """The same family at other parameters."""
-        return LinearTwist(self.features, theta.detach().clone())
+    features_call = "features(prefixes, log_reference)"
+    features: FeatureMap
 
     def log_twist(
         self,
@@ -683,16 +748,7 @@ class LinearTwist(Twist):
     ) -> tuple[Tensor, Cost]:
         if not len(prefixes):
             return torch.zeros(0, dtype=torch.float64), Cost()
-        phi = self.features(prefixes, log_reference).to(torch.float64)
-        if phi.shape != (len(prefixes), self.theta.numel()):
-            raise ValueError(
-                f"features returned shape {tuple(phi.shape)}, expected "
-                f"({len(prefixes)}, {self.theta.numel()})"
-            )
-        return phi @ self.theta, Cost()
-
-    def __repr__(self) -> str:
-        return f"LinearTwist({self.features!r}, |theta|={self.theta.numel()})"
+        return self._linear(self.features(prefixes, log_reference), len(prefixes)), Cost()
 
 
 class TRIStep(NamedTuple):
@@ -905,6 +961,63 @@ def _project(
     return theta.detach().clone(), value
 
 
+class TRIParameters(NamedTuple):
+    """The checked numeric parameters of a TRI-TSMC iteration (:func:`tri_parameters`)."""
+
+    iterations: int
+    num_paths: int
+    beta: float
+    l2: float
+    max_iter: int
+    num_negative: int
+    prox: float
+
+
+def tri_parameters(
+    generator: torch.Generator,
+    num_iterations: int,
+    num_paths: int,
+    step_size: float,
+    l2: float,
+    max_iter: int,
+    num_negative: int | None,
+    prox: float,
+) -> TRIParameters:
+    """Check the parameters shared by :func:`tri_tsmc` and
+    :func:`~tiltsample.samplers.diffusion_twists.learn_state_twist` (errors name the parameter);
+    ``num_negative`` defaults to ``num_paths``."""
+    validation.generator("generator", generator)
+    iterations = validation.positive_int("num_iterations", num_iterations)
+    m = validation.positive_int("num_paths", num_paths)
+    beta = validation.unit_interval("step_size", step_size)
+    if beta == 0.0:
+        raise ValueError("step_size must lie in (0, 1], got 0")
+    if isinstance(l2, bool) or not isinstance(l2, int | float) or not l2 >= 0:
+        raise ValueError(f"l2 must be a number >= 0, got {l2!r}")
+    max_iter = validation.positive_int("max_iter", max_iter)
+    m_neg = m if num_negative is None else validation.positive_int("num_negative", num_negative)
+    prox = validation.positive_float("prox", prox)
+    return TRIParameters(iterations, m, beta, float(l2), max_iter, m_neg, prox)
+
+
+def tempered_path_weights(log_w: Tensor, beta: float) -> Tensor:
+    """``W ∝ w^beta``, normalised (the trust-region step of TRI-TSMC); zero-weight paths keep 0.
+
+    Raises ``ValueError`` when every path has zero weight.
+    """
+    finite = torch.isfinite(log_w)
+    if not bool(finite.any()):
+        raise ValueError("every sampled path has zero weight: no projection possible")
+    tempered = torch.where(finite, beta * log_w, torch.full_like(log_w, -math.inf))
+    return torch.exp(tempered - torch.logsumexp(tempered, 0))
+
+
+def ess_fraction(log_w: Tensor) -> float:
+    """Kong's ``ESS / M = (sum w)^2 / (M sum w^2)`` of unnormalised log-weights ``[M]``."""
+    ess = float(torch.exp(2 * torch.logsumexp(log_w, 0) - torch.logsumexp(2 * log_w, 0)))
+    return ess / log_w.numel()
+
+
 def tri_tsmc(
     target: TiltedTarget,
     twist: LinearTwist,
@@ -989,18 +1102,10 @@ def tri_tsmc(
 
     if not isinstance(twist, LinearTwist):
         raise TypeError(f"twist must be a LinearTwist, got {type(twist).__name__}")
-    validation.generator("generator", generator)
-    iterations = validation.positive_int("num_iterations", num_iterations)
-    m = validation.positive_int("num_paths", num_paths)
-    beta = validation.unit_interval("step_size", step_size)
-    if beta == 0.0:
-        raise ValueError("step_size must lie in (0, 1], got 0")
-    if isinstance(l2, bool) or not isinstance(l2, int | float) or not l2 >= 0:
-        raise ValueError(f"l2 must be a number >= 0, got {l2!r}")
-    max_iter = validation.positive_int("max_iter", max_iter)
+    iterations, m, beta, l2, max_iter, m_neg, prox = tri_parameters(
+        generator, num_iterations, num_paths, step_size, l2, max_iter, num_negative, prox
+    )
     negative = validation.one_of("negative", negative, NEGATIVE_PHASES)
-    m_neg = m if num_negative is None else validation.positive_int("num_negative", num_negative)
-    prox = validation.positive_float("prox", prox)
     tables = _state_tables(target, twist.features) if negative == "exact" else None
     history: list[TRIStep] = []
     cost = Cost()
@@ -1017,11 +1122,7 @@ def tri_tsmc(
         cost = cost + state.cost
         out = smc.result(state)
         log_w = out.log_weights
-        finite = torch.isfinite(log_w)
-        if not bool(finite.any()):
-            raise ValueError("every sampled path has zero weight: no projection possible")
-        tempered = torch.where(finite, beta * log_w, torch.full_like(log_w, -math.inf))
-        weights = torch.exp(tempered - torch.logsumexp(tempered, 0))
+        weights = tempered_path_weights(log_w, beta)
         paths = out.sequences
         states = _path_states(target, paths, current.features)
         negatives = None
@@ -1031,7 +1132,7 @@ def tri_tsmc(
         theta, value = _project(
             current.theta, states, tables, weights, float(l2), max_iter, negatives, prox
         )
-        ess = float(torch.exp(2 * torch.logsumexp(log_w, 0) - torch.logsumexp(2 * log_w, 0)))
-        history.append(TRIStep(k, ess / m, float(torch.logsumexp(log_w, 0) - math.log(m)), value))
+        log_z_hat = float(torch.logsumexp(log_w, 0) - math.log(m))
+        history.append(TRIStep(k, ess_fraction(log_w), log_z_hat, value))
         current = current.with_theta(theta)
     return TRIResult(current, history, cost)

@@ -13,46 +13,25 @@ from __future__ import annotations
 import itertools
 import math
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from scipy.stats import chi2_contingency, chisquare
+from smc_toys import TRUNCATIONS, gen, merge_rare
+from smc_toys import constrained_toy as toy
 
 import tiltsample
-from tiltsample import TiltedTarget
 from tiltsample.samplers import csmc, smc
 from tiltsample.target import Truncation
 from tiltsample.targets.pyro_program import PyroProgram
-from tiltsample.targets.rewards import ConstraintReward, CountFractionReward
-from tiltsample.targets.tabular import random_tabular
 from tiltsample.targets.toys import tabular_toy
 from tiltsample.testing import check_sampler
 from tiltsample.theory import ExactPotential, exact_distribution, proposal_law, tv
 from tiltsample.theory.smc_exact import one_particle_bounds
 
-TRUNCATIONS: tuple[Truncation, ...] = ("stop", "condition")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _serial_torch() -> Iterator[None]:
-    """Tiny tensors: intra-op threads only add wake-up latency on a loaded 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def toy(truncation: Truncation = "stop", lam: float = 0.5, seed: int = 0) -> TiltedTarget:
-    policy = random_tabular(torch.Generator().manual_seed(seed), 3, 4, concentration=0.8)
-    target = TiltedTarget(policy, CountFractionReward(1, 0), lam, (), 4, truncation)
-    return target.tilt(ConstraintReward(lambda x: not (len(x) > 1 and x[0] == 2)))
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+pytestmark = pytest.mark.usefixtures("serial_torch")
 
 
 # ----------------------------------------------------------------------------- exact tests
@@ -164,23 +143,6 @@ def test_sandwich_contains_log_z_and_its_gap_shrinks() -> None:
 
 
 # ----------------------------------------------------------------------------- particle Gibbs
-def _merge_rare(
-    obs: list[int], exp: list[float], floor: float = 5.0
-) -> tuple[list[float], list[float]]:
-    keep_o, keep_e, rest_o, rest_e = [], [], 0.0, 0.0
-    for o, e in zip(obs, exp, strict=True):
-        if e < floor:
-            rest_o += o
-            rest_e += e
-        else:
-            keep_o.append(float(o))
-            keep_e.append(e)
-    if rest_e > 0:
-        keep_o.append(rest_o)
-        keep_e.append(rest_e)
-    return keep_o, [e * sum(keep_o) / sum(keep_e) for e in keep_e]
-
-
 @pytest.mark.parametrize("truncation", TRUNCATIONS)
 @pytest.mark.parametrize(
     "params",
@@ -223,7 +185,7 @@ def test_particle_gibbs_leaves_pi_invariant(truncation: Truncation, params: dict
     counts = Counter(out.sequences)
     assert set(counts) <= set(pi.support)
     probs = pi.probs.tolist()
-    obs, exp = _merge_rare([counts.get(x, 0) for x in pi.support], [p * c for p in probs])
+    obs, exp = merge_rare([counts.get(x, 0) for x in pi.support], [p * c for p in probs])
     assert chisquare(obs, exp).pvalue > 1e-3
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -21,13 +20,16 @@ import pytest
 import torch
 from hypothesis import given, settings
 from scipy.stats import chisquare
+from smc_toys import TRUNCATIONS, merge_rare
+from smc_toys import constrained_toy as toy
+from smc_toys import smc_runs as runs
 
 import tiltsample
 from tiltsample import TiltedTarget, power_target
 from tiltsample.samplers import smc
 from tiltsample.samplers.twists import LogNormalNoise
 from tiltsample.target import Truncation
-from tiltsample.targets.rewards import ConstraintReward, ContainsTokenReward, CountFractionReward
+from tiltsample.targets.rewards import ConstraintReward, ContainsTokenReward
 from tiltsample.targets.tabular import random_tabular
 from tiltsample.targets.toys import tabular_toy
 from tiltsample.testing import check_sampler
@@ -45,32 +47,11 @@ from tiltsample.types import Seq
 
 Tensor = torch.Tensor
 
-TRUNCATIONS: tuple[Truncation, ...] = ("stop", "condition")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _serial_torch() -> Iterator[None]:
-    """Tiny tensors: intra-op threads only add wake-up latency on a loaded 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("serial_torch")
 
 
 SCHEMES = ("systematic", "stratified", "residual", "multinomial")
-
-
-def toy(truncation: Truncation = "stop", lam: float = 0.5, seed: int = 0) -> TiltedTarget:
-    """V = 3 (EOS = 0), L = 4, reward = fraction of token 1, first token != 2 unless alone."""
-    policy = random_tabular(torch.Generator().manual_seed(seed), 3, 4, concentration=0.8)
-    target = TiltedTarget(policy, CountFractionReward(1, 0), lam, (), 4, truncation)
-    return target.tilt(ConstraintReward(lambda x: not (len(x) > 1 and x[0] == 2)))
-
-
-def runs(target: TiltedTarget, n: int, r: int, seed: int, **params: Any) -> smc.SMCState:
-    return smc.run(
-        target, num_particles=n, num_runs=r, generator=torch.Generator().manual_seed(seed), **params
-    )
 
 
 def weights_of(state: smc.SMCState) -> Tensor:
@@ -382,27 +363,8 @@ def test_resample_move_leaves_the_intermediate_target_invariant(
         assert 0.05 < rate < 1.0
         counts = Counter(smc.result(moved).sequences)
         assert set(counts) <= set(keys)
-        obs, exp = _merge_rare([counts.get(k, 0) for k in keys], (probs * n).tolist())
+        obs, exp = merge_rare([counts.get(k, 0) for k in keys], (probs * n).tolist())
         assert chisquare(obs, exp).pvalue > 1e-3
-
-
-def _merge_rare(
-    obs: list[int], exp: list[float], floor: float = 5.0
-) -> tuple[list[float], list[float]]:
-    """Merge cells with expected count < ``floor`` into one (valid chi-square cells)."""
-    keep_o, keep_e, rest_o, rest_e = [], [], 0.0, 0.0
-    for o, e in zip(obs, exp, strict=True):
-        if e < floor:
-            rest_o += o
-            rest_e += e
-        else:
-            keep_o.append(float(o))
-            keep_e.append(e)
-    if rest_e > 0:
-        keep_o.append(rest_o)
-        keep_e.append(rest_e)
-    total_o, total_e = sum(keep_o), sum(keep_e)
-    return keep_o, [e * total_o / total_e for e in keep_e]
 
 
 def test_batched_resamplers_are_unbiased_and_keep_the_floor_copies() -> None:

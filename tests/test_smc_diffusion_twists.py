@@ -10,10 +10,10 @@ evidence still unbiased.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
+from smc_toys import gen
 
 from tiltsample.samplers import fk_steering as fk
 from tiltsample.samplers.diffusion_twists import LinearStateTwist, StateTable, learn_state_twist
@@ -21,17 +21,7 @@ from tiltsample.targets.masked_diffusion import masked_diffusion_toy
 from tiltsample.targets.toys import tabular_toy
 from tiltsample.theory.smc_exact import ExactStatePotential, diffusion_target_law
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _serial_torch() -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+pytestmark = pytest.mark.usefixtures("serial_torch")
 
 
 def test_a_per_step_constant_does_not_change_guided_fk() -> None:

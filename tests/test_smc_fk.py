@@ -12,19 +12,18 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import replace
 from typing import Any
 
 import pytest
 import torch
 from scipy.stats import chisquare
+from smc_toys import gen, merge_rare
+from smc_toys import masked_toy as toy
 
 from tiltsample import TiltedTarget
 from tiltsample.diffusion import denoise, initial_states, states_to_seqs
 from tiltsample.samplers import fk_steering as fk
 from tiltsample.target import Truncation
-from tiltsample.targets.masked_diffusion import masked_diffusion_toy
 from tiltsample.targets.toys import tabular_toy
 from tiltsample.testing import check_sampler
 from tiltsample.theory import tv
@@ -35,42 +34,26 @@ from tiltsample.theory.smc_exact import (
     evidence_weighted_law,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _serial_torch() -> Iterator[None]:
-    """Tiny tensors: intra-op threads only add wake-up latency on a loaded 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def toy(order: str = "max-confidence", truncation: Truncation = "stop") -> TiltedTarget:
-    target: TiltedTarget = masked_diffusion_toy(seed=0, order=order)
-    return target if truncation == "stop" else replace(target, truncation=truncation)
-
-
-def _merge(
-    obs: list[float], exp: list[float], floor: float = 5.0
-) -> tuple[list[float], list[float]]:
-    ko, ke, ro, re = [], [], 0.0, 0.0
-    for o, e in zip(obs, exp, strict=True):
-        if e < floor:
-            ro, re = ro + o, re + e
-        else:
-            ko.append(o)
-            ke.append(e)
-    if re > 0:
-        ko.append(ro)
-        ke.append(re)
-    return ko, [e * sum(ko) / sum(ke) for e in ke]
+pytestmark = pytest.mark.usefixtures("serial_torch")
 
 
 # ----------------------------------------------------------------------------- guided proposal
+def guided_runs(
+    target: TiltedTarget, n: int, r: int, seed: int, estimator: Any, **params: Any
+) -> fk.FKState:
+    """``r`` runs of ``n`` particles of FK with the guided proposal (resampling at ESS < n/2)."""
+    return fk.run(
+        target,
+        num_particles=n,
+        num_runs=r,
+        generator=gen(seed),
+        estimator=estimator,
+        proposal="guided",
+        ess_threshold=0.5,
+        **params,
+    )
+
+
 @pytest.mark.parametrize("truncation", ["stop", "condition"])
 @pytest.mark.parametrize("order", ["max-confidence", "drawn-confidence"])
 def test_guided_proposal_with_exact_energies_has_zero_variance(
@@ -81,15 +64,7 @@ def test_guided_proposal_with_exact_energies_has_zero_variance(
     target = toy(order, truncation)
     law, log_z = diffusion_target_law(target)
     r, n = 300, 4
-    state = fk.run(
-        target,
-        num_particles=n,
-        num_runs=r,
-        generator=gen(4),
-        estimator=ExactStatePotential(target),
-        proposal="guided",
-        ess_threshold=0.5,
-    )
+    state = guided_runs(target, n, r, 4, ExactStatePotential(target))
     runs = fk.log_evidence_runs(state)
     assert torch.allclose(runs, torch.full_like(runs, log_z), atol=1e-9, rtol=0)
     lw = state.log_w.view(r, n)
@@ -98,7 +73,7 @@ def test_guided_proposal_with_exact_energies_has_zero_variance(
     counts = Counter(out.sequences)
     assert set(counts) <= set(law)
     keys = list(law)
-    obs, exp = _merge([counts.get(x, 0) for x in keys], [law[x] * r * n for x in keys])
+    obs, exp = merge_rare([counts.get(x, 0) for x in keys], [law[x] * r * n for x in keys])
     assert chisquare(obs, exp).pvalue > 1e-3
 
 
@@ -111,16 +86,7 @@ def test_guided_proposal_with_estimated_twists_stays_exact(
     target = toy("max-confidence", truncation)
     law, log_z = diffusion_target_law(target)
     r, n = 400, 4
-    state = fk.run(
-        target,
-        num_particles=n,
-        num_runs=r,
-        generator=gen(5),
-        estimator=estimator,
-        num_samples_phi=2,
-        proposal="guided",
-        ess_threshold=0.5,
-    )
+    state = guided_runs(target, n, r, 5, estimator, num_samples_phi=2)
     ratio = torch.exp(fk.log_evidence_runs(state) - log_z)
     assert abs(float(ratio.mean()) - 1) < 4 * float(ratio.std()) / math.sqrt(r)
     unbiased, noise = evidence_weighted_law(fk.result(state), log_z)
@@ -168,7 +134,7 @@ def test_bon_potential_keeps_correct_weights_and_returns_the_best_first() -> Non
     assert sum(exact.values()) == pytest.approx(1.0, abs=1e-12)
     counts = Counter(best)
     keys = list(exact)
-    obs, exp = _merge([counts.get(x, 0) for x in keys], [exact[x] * r for x in keys])
+    obs, exp = merge_rare([counts.get(x, 0) for x in keys], [exact[x] * r for x in keys])
     assert chisquare(obs, exp).pvalue > 1e-3
     unbiased, noise = evidence_weighted_law(out, log_z)
     assert tv(unbiased, law) < 3 * noise  # the weighted particles target pi

@@ -11,53 +11,21 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
 from scipy.stats import chisquare
+from smc_toys import TRUNCATIONS, merge_rare, smc_runs
+from smc_toys import constrained_toy as toy
 
 from tiltsample import TiltedTarget
 from tiltsample.samplers import smc
 from tiltsample.target import Truncation
-from tiltsample.targets.rewards import ConstraintReward, CountFractionReward
-from tiltsample.targets.tabular import random_tabular
 from tiltsample.theory import ExactPotential, exact_distribution, tv
 from tiltsample.theory.smc_exact import evidence_weighted_law, move_kernel
 
-TRUNCATIONS: tuple[Truncation, ...] = ("stop", "condition")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _serial_torch() -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def toy(truncation: Truncation = "stop", seed: int = 0, concentration: float = 0.8) -> TiltedTarget:
-    """V = 3 (EOS = 0), L = 4, reward = fraction of token 1, first token != 2 unless alone."""
-    policy = random_tabular(torch.Generator().manual_seed(seed), 3, 4, concentration=concentration)
-    target = TiltedTarget(policy, CountFractionReward(1, 0), 0.5, (), 4, truncation)
-    return target.tilt(ConstraintReward(lambda x: not (len(x) > 1 and x[0] == 2)))
-
-
-def _merge(
-    obs: list[float], exp: list[float], floor: float = 5.0
-) -> tuple[list[float], list[float]]:
-    ko, ke, ro, re = [], [], 0.0, 0.0
-    for o, e in zip(obs, exp, strict=True):
-        if e < floor:
-            ro, re = ro + o, re + e
-        else:
-            ko.append(o)
-            ke.append(e)
-    if re > 0:
-        ko.append(ro)
-        ke.append(re)
-    return ko, [e * sum(ko) / sum(ke) for e in ke]
+pytestmark = pytest.mark.usefixtures("serial_torch")
 
 
 @pytest.mark.parametrize("truncation", TRUNCATIONS)
@@ -125,7 +93,7 @@ def test_one_sampler_move_draws_the_kernel_row(truncation: Truncation) -> None:
         counts = _one_move_from(target, k.states[a], anchor, n, seed=a, **params)
         assert set(counts) <= set(k.states)
         row = k.matrix[a].tolist()
-        obs, exp = _merge([counts.get(y, 0) for y in k.states], [p * n for p in row])
+        obs, exp = merge_rare([counts.get(y, 0) for y in k.states], [p * n for p in row])
         assert chisquare(obs, exp).pvalue > 1e-3, (k.states[a], counts)
 
 
@@ -155,7 +123,7 @@ def test_entropy_cut_moves_leave_gamma_t_invariant(truncation: Truncation, propo
         assert 0.05 < moved.moves_accepted / moved.moves_proposed < 1.0
         counts = Counter(smc.result(moved).sequences)
         assert set(counts) <= set(k.states)
-        obs, exp = _merge([counts.get(y, 0) for y in k.states], (k.gamma * n).tolist())
+        obs, exp = merge_rare([counts.get(y, 0) for y in k.states], (k.gamma * n).tolist())
         assert chisquare(obs, exp).pvalue > 1e-3
 
 
@@ -164,15 +132,7 @@ def test_smc_with_entropy_cut_moves_targets_pi() -> None:
     target = toy("stop")
     pi = exact_distribution(target)
     r, n = 600, 8
-    state = smc.run(
-        target,
-        num_particles=n,
-        num_runs=r,
-        generator=torch.Generator().manual_seed(5),
-        ess_threshold=1.0,
-        num_moves=2,
-        move_cut="entropy_jump",
-    )
+    state = smc_runs(target, n, r, 5, ess_threshold=1.0, num_moves=2, move_cut="entropy_jump")
     assert state.moves_accepted > 0
     law, noise = evidence_weighted_law(smc.result(state), pi.log_z)
     dist = tv(law, pi)

@@ -10,11 +10,11 @@ keeps the final target, and Power-SMC has lower log-evidence spread than SMC fro
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
+from smc_toys import TRUNCATIONS, smc_runs
 
 import tiltsample
 from tiltsample import power_target
@@ -27,16 +27,7 @@ from tiltsample.testing import check_sampler
 from tiltsample.theory import exact_distribution, tv
 from tiltsample.theory.smc_exact import evidence_weighted_law
 
-TRUNCATIONS: tuple[Truncation, ...] = ("stop", "condition")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _serial_torch() -> Iterator[None]:
-    """Tiny tensors: intra-op threads only add wake-up latency on a loaded 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("serial_torch")
 
 
 def toy(alpha: float = 3.0, truncation: Truncation = "stop") -> tiltsample.TiltedTarget:
@@ -86,13 +77,7 @@ def test_evidence_unbiased_and_law_exact(truncation: Truncation, params: dict[st
     target = toy(3.0, truncation)
     exact = exact_distribution(target)
     r, n = 400, 8
-    state = smc.run(
-        target,
-        num_particles=n,
-        num_runs=r,
-        generator=torch.Generator().manual_seed(1),
-        **power_smc.smc_params(**params),
-    )
+    state = smc_runs(target, n, r, 1, **power_smc.smc_params(**params))
     ratio = torch.exp(smc.log_evidence_runs(state) - exact.log_z)
     se = float(ratio.std()) / math.sqrt(r)
     assert abs(float(ratio.mean()) - 1.0) < 4 * se

@@ -9,7 +9,6 @@ Statistical: the conditional samplers draw the unconditional law conditioned on 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -23,12 +22,7 @@ SCHEMES = ("multinomial", "systematic", "stratified", "residual")
 CASES = [([0.45, 0.35, 0.2], 3), ([0.1, 0.6, 0.3], 3), ([0.3, 0.45, 0.15, 0.1], 4)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _serial_torch() -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("serial_torch")
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)

@@ -9,49 +9,30 @@ iteration learns a twist that cuts the variance of twisted SMC, without ever enu
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
+from smc_toys import checked_log_z_spreads, gen, tri_toy, twist_law
 
-from tiltsample import TiltedTarget
-from tiltsample.samplers import smc, twists
+from tiltsample.samplers import twists
 from tiltsample.samplers.twists import (
     LinearTwist,
-    PrefixTable,
     _path_states,
     _project,
     _state_tables,
     negative_phase_samples,
     tri_tsmc,
 )
-from tiltsample.targets.toys import tabular_toy
 from tiltsample.theory import exact_distribution, tv
 from tiltsample.theory.energies import exact_energies
-from tiltsample.theory.smc_exact import twisted_proposal_law
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _serial_torch() -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def target_and_table() -> tuple[TiltedTarget, PrefixTable]:
-    target = tabular_toy(vocab_size=3, max_len=4, lam=0.5)
-    return target, PrefixTable.from_target(target)
+pytestmark = pytest.mark.usefixtures("serial_torch")
 
 
 def test_sampled_negative_phase_matches_the_enumerated_one() -> None:
     """E_{sigma_t^theta}[phi 1{incomplete}] at a nonzero theta: the mean of R independent SMC
     estimates is within 4 standard errors (plus an O(1/N) allowance) of the exact value."""
-    target, table = target_and_table()
+    target, table = tri_toy()
     theta = 0.5 * exact_energies(target).log_energies(table.prefixes)
     twist = LinearTwist(table, theta)
     tables = _state_tables(target, table)
@@ -75,7 +56,7 @@ def test_sampled_negative_phase_matches_the_enumerated_one() -> None:
 
 def _projection_error(n: int, seed: int, iterations: int = 10) -> float:
     """pi-weighted mean |theta - log V| after iterating the sampled projection, positives = pi."""
-    target, table = target_and_table()
+    target, table = tri_toy()
     pi = exact_distribution(target)
     states = _path_states(target, pi.support, table)
     exact = exact_energies(target).log_energies(table.prefixes)
@@ -104,7 +85,7 @@ def test_sampled_projection_converges_to_the_enumerated_solution() -> None:
 def test_tri_tsmc_with_sampled_negative_phase_cuts_the_variance(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    target, table = target_and_table()
+    target, table = tri_toy()
     pi = exact_distribution(target)
 
     def no_enumeration(*args: object, **kwargs: object) -> None:
@@ -123,28 +104,14 @@ def test_tri_tsmc_with_sampled_negative_phase_cuts_the_variance(
     )
     assert result.history[-1].ess_fraction > 3 * result.history[0].ess_fraction
 
-    def law(tw: LinearTwist) -> dict[tuple[int, ...], float]:
-        out: dict[tuple[int, ...], float] = twisted_proposal_law(
-            target, lambda xs, lp: tw.log_twist(target, xs, lp, gen(0))[0]
-        )
-        return out
-
-    tv0, tv1 = tv(law(start), pi), tv(law(result.twist), pi)
+    tv0, tv1 = tv(twist_law(target, start), pi), tv(twist_law(target, result.twist), pi)
     assert tv1 < tv0 / 2.5, (tv0, tv1)
-    spreads = []
-    for tw in (start, result.twist):
-        state = smc.run(
-            target, num_particles=8, num_runs=300, generator=gen(1), twist=tw, proposal="optimal"
-        )
-        log_z = smc.log_evidence_runs(state)
-        ratio = torch.exp(log_z - pi.log_z)
-        assert abs(float(ratio.mean()) - 1) < 4 * float(ratio.std()) / math.sqrt(300)
-        spreads.append(float(log_z.std()))
+    spreads = checked_log_z_spreads(target, (start, result.twist), pi.log_z)
     assert spreads[1] < spreads[0] / 2.5, spreads
 
 
 def test_bad_negative_phase_parameters_name_themselves() -> None:
-    target, table = target_and_table()
+    target, table = tri_toy()
     for kwargs, name in (
         ({"negative": "sampled"}, "negative"),
         ({"negative": "smc", "prox": 0.0}, "prox"),

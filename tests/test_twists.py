@@ -9,10 +9,10 @@ twisted path measure to pi and cut the spread of log Ẑ, with the evidence stay
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
+from smc_toys import TRUNCATIONS, checked_log_z_spreads, gen, tri_toy, twist_law
 
 from tiltsample import TiltedTarget, power_target
 from tiltsample.samplers import smc
@@ -36,22 +36,8 @@ from tiltsample.targets.rewards import ContainsTokenReward
 from tiltsample.targets.tabular import random_tabular
 from tiltsample.targets.toys import tabular_toy
 from tiltsample.theory import ExactPotential, exact_distribution, exact_energies, tv
-from tiltsample.theory.smc_exact import twisted_proposal_law
 
-TRUNCATIONS: tuple[Truncation, ...] = ("stop", "condition")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _serial_torch() -> Iterator[None]:
-    """Tiny tensors: intra-op threads only add wake-up latency on a loaded 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+pytestmark = pytest.mark.usefixtures("serial_torch")
 
 
 def power_toy(truncation: Truncation = "stop") -> TiltedTarget:
@@ -165,10 +151,9 @@ def test_rollout_twist_is_unbiased_for_the_energy(truncation: Truncation) -> Non
 
 # ----------------------------------------------------------------------------- learned twists
 def test_tri_tsmc_learns_the_twist_and_cuts_the_variance() -> None:
-    target = tabular_toy(vocab_size=3, max_len=4, lam=0.5)
+    target, table = tri_toy()
     pi = exact_distribution(target)
     energies = exact_energies(target)
-    table = PrefixTable.from_target(target)
     start = LinearTwist(table)
     result = tri_tsmc(
         target, start, generator=gen(0), num_iterations=4, num_paths=384, step_size=0.5
@@ -176,13 +161,7 @@ def test_tri_tsmc_learns_the_twist_and_cuts_the_variance() -> None:
     assert len(result.history) == 4 and result.cost.generated_tokens > 0
     assert result.history[-1].ess_fraction > 2 * result.history[0].ess_fraction
 
-    def law(tw: LinearTwist) -> dict[tuple[int, ...], float]:
-        out: dict[tuple[int, ...], float] = twisted_proposal_law(
-            target, lambda xs, lp: tw.log_twist(target, xs, lp, gen(0))[0]
-        )
-        return out
-
-    tv0, tv1 = tv(law(start), pi), tv(law(result.twist), pi)
+    tv0, tv1 = tv(twist_law(target, start), pi), tv(twist_law(target, result.twist), pi)
     assert tv1 < tv0 / 4, (tv0, tv1)
     # twist error where it matters: the pi-weighted mean |log psi - log V| over visited prefixes
     err = []
@@ -192,15 +171,7 @@ def test_tri_tsmc_learns_the_twist_and_cuts_the_variance() -> None:
             err.append(p * abs(float(result.twist.theta[table.index[s]]) - energies.log_energy(s)))
     assert sum(err) < 0.5
     # variance reduction of twisted SMC, with the evidence still unbiased
-    spreads = []
-    for tw in (start, result.twist):
-        state = smc.run(
-            target, num_particles=8, num_runs=300, generator=gen(1), twist=tw, proposal="optimal"
-        )
-        log_z = smc.log_evidence_runs(state)
-        ratio = torch.exp(log_z - pi.log_z)
-        assert abs(float(ratio.mean()) - 1) < 4 * float(ratio.std()) / math.sqrt(300)
-        spreads.append(float(log_z.std()))
+    spreads = checked_log_z_spreads(target, (start, result.twist), pi.log_z)
     assert spreads[1] < spreads[0] / 3, spreads
 
 

@@ -32,6 +32,9 @@ class Decoded(NamedTuple):
     """``LongTensor[B]``: tokens each row actually received (EOS included)."""
     generated_tokens: int
     """Tokens emitted by the loop (sampled ones plus forced EOS), padding excluded."""
+    token_entropy: Tensor | None = None
+    """``[B, n]`` float64: entropy of ``p(. | x_<t)`` at temperature 1 at every new position (0 on
+    padding), when asked for with ``record_entropy=True``; otherwise ``None``."""
 
     @property
     def log_p(self) -> Tensor:
@@ -51,6 +54,13 @@ def tempered_logprobs(log_p: Tensor, temperature: float) -> Tensor:
     return torch.log_softmax(log_p / temperature, dim=-1)
 
 
+def entropy(log_p: Tensor) -> Tensor:
+    """Row-wise Shannon entropy ``-sum_v p_v log p_v`` of normalised ``log_p`` ``[B, V]``
+    (``0 log 0 = 0``)."""
+    finite = torch.isfinite(log_p)
+    return -torch.where(finite, torch.exp(log_p) * log_p, torch.zeros_like(log_p)).sum(dim=1)
+
+
 def sample_categorical(generator: torch.Generator, log_probs: Tensor) -> Tensor:
     """One draw per row of ``log_probs`` ``[B, V]`` with the caller's generator."""
     probs = torch.softmax(log_probs.to(torch.float64), dim=-1)
@@ -66,6 +76,7 @@ def decode_until_complete(
     temperature: float = 1.0,
     force_eos_at_cap: bool = False,
     max_new: int | None = None,
+    record_entropy: bool = False,
 ) -> Decoded:
     """Extend every row of ``session`` until EOS, ``max_length`` total tokens, or ``max_new`` new.
 
@@ -86,6 +97,10 @@ def decode_until_complete(
         EOS there, with ``log q = 0`` and ``log p = log p(EOS | x_<L)``.
     max_new
         Stop after this many new tokens even before ``max_length`` (block-wise decoding).
+    record_entropy
+        Also return :attr:`Decoded.token_entropy`, the entropy ``H(p(. | x_<t))`` of the
+        temperature-1 law at every new position (e.g. for entropy-jump cut laws); draws from
+        ``generator`` are the same either way.
     """
     batch = session.batch_size
     start = session.length
@@ -98,6 +113,7 @@ def decode_until_complete(
     toks: list[Tensor] = []
     lps: list[Tensor] = []
     lqs: list[Tensor] = []
+    hs: list[Tensor] = []
     new_len = torch.zeros(batch, dtype=torch.long)
     generated = 0
     for step in range(steps):
@@ -118,16 +134,30 @@ def decode_until_complete(
         toks.append(tok)
         lps.append(torch.where(live, lp, zero))
         lqs.append(torch.where(live, lq, zero))
+        if record_entropy:
+            hs.append(torch.where(live, entropy(log_p), zero))
         new_len += live.long()
         generated += int(live.sum())
         session.extend(tok)
         live = live & (tok != eos_id)
     if toks:
         return Decoded(
-            torch.stack(toks, 1), torch.stack(lps, 1), torch.stack(lqs, 1), new_len, generated
+            torch.stack(toks, 1),
+            torch.stack(lps, 1),
+            torch.stack(lqs, 1),
+            new_len,
+            generated,
+            torch.stack(hs, 1) if record_entropy else None,
         )
     empty = torch.zeros((batch, 0), dtype=torch.float64)
-    return Decoded(torch.zeros((batch, 0), dtype=torch.long), empty, empty, new_len, 0)
+    return Decoded(
+        torch.zeros((batch, 0), dtype=torch.long),
+        empty,
+        empty,
+        new_len,
+        0,
+        empty if record_entropy else None,
+    )
 
 
 def rows_to_seqs(tokens: Tensor, eos_id: int) -> list[Seq]:

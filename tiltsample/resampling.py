@@ -177,30 +177,33 @@ def conditional_multinomial(generator: torch.Generator, weights: Tensor, n: int)
     return head if rest is None else torch.cat([head, rest])
 
 
-def conditional_systematic(generator: torch.Generator, weights: Tensor, n: int) -> Tensor:
-    """Symmetrised systematic resampling conditioned on slot 0 taking ancestor 0."""
+def _conditional_start(
+    generator: torch.Generator, weights: Tensor, n: int
+) -> tuple[Tensor, Tensor | None]:
+    """Normalised weights, and the ancestors already drawn when the reference has weight 0 (then
+    no scheme constrains the other slots beyond :func:`conditional_multinomial`), else None."""
     w = _normalised(weights)
     validation.positive_int("n", n)
-    if float(w[0]) == 0.0:
-        return conditional_multinomial(generator, w, n)
-    return _conditional_inverse_cdf(generator, w, n, shared=True)
+    return w, conditional_multinomial(generator, w, n) if float(w[0]) == 0.0 else None
+
+
+def conditional_systematic(generator: torch.Generator, weights: Tensor, n: int) -> Tensor:
+    """Symmetrised systematic resampling conditioned on slot 0 taking ancestor 0."""
+    w, done = _conditional_start(generator, weights, n)
+    return done if done is not None else _conditional_inverse_cdf(generator, w, n, shared=True)
 
 
 def conditional_stratified(generator: torch.Generator, weights: Tensor, n: int) -> Tensor:
     """Symmetrised stratified resampling conditioned on slot 0 taking ancestor 0."""
-    w = _normalised(weights)
-    validation.positive_int("n", n)
-    if float(w[0]) == 0.0:
-        return conditional_multinomial(generator, w, n)
-    return _conditional_inverse_cdf(generator, w, n, shared=False)
+    w, done = _conditional_start(generator, weights, n)
+    return done if done is not None else _conditional_inverse_cdf(generator, w, n, shared=False)
 
 
 def conditional_residual(generator: torch.Generator, weights: Tensor, n: int) -> Tensor:
     """Symmetrised residual resampling conditioned on slot 0 taking ancestor 0."""
-    w = _normalised(weights)
-    validation.positive_int("n", n)
-    if float(w[0]) == 0.0:
-        return conditional_multinomial(generator, w, n)
+    w, done = _conditional_start(generator, weights, n)
+    if done is not None:
+        return done
     scaled = n * w
     copies = torch.floor(scaled).long()
     rest = n - int(copies.sum())
