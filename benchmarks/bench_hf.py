@@ -12,7 +12,8 @@ machines vary 2–5× between runs, so only ratios within one run are meaningful
   what a ``generate``-per-step implementation pays);
 * every registered sampler's generated tokens/s, its ratio to plain decoding at the same batch
   width (goal: ≥ 0.85), and its ``forward_tokens / generated_tokens`` (minimal ≈ 1 plus prompt
-  prefill; larger means re-encoding or re-fed tokens);
+  prefill; larger means re-encoding or re-fed tokens); the MH rows run one chain per row (ragged
+  batching), plus the old grouped batching and a joint run of 4 prompts for reference;
 * ETS wall time against the time plain decoding needs for the same number of tokens.
 
 Writes ``bench.md`` and ``bench.json`` to ``--out``.
@@ -46,26 +47,64 @@ def plain_decode(policy: Any, prompt: tuple[int, ...], batch: int, cached: bool,
         else PrefixSession(policy, prompt, batch, accounting="recompute")
     )
     d = decode_until_complete(session, gen, eos_id=policy.eos_id, max_length=tasks.MAX_NEW_TOKENS)
-    return session.cost + Cost(generated_tokens=d.generated_tokens)
+    cost: Cost = session.cost + Cost(generated_tokens=d.generated_tokens)
+    return cost
+
+
+def peak_width(name: str, num_samples: int, params: dict[str, Any]) -> int:
+    """Rows of the widest model call of a run (its session width), for same-width comparisons."""
+    if name == "beam":
+        return int(params["num_beams"])
+    if name == "best-of-n":
+        return num_samples * int(params["num_candidates"])
+    if name == "ets":
+        return num_samples * int(params["num_candidates"]) * int(params["num_rollouts"])
+    if name in ("smc", "power-smc"):
+        return int(params["num_particles"])
+    return num_samples
 
 
 def sampler_runs(batch: int) -> list[tuple[str, str, str, int, dict[str, Any]]]:
-    """(label, registry name, target kind, num_samples, params) with about ``batch`` rows."""
+    """(label, registry name, target kind, num_samples, params), at most ``batch`` rows per call.
+
+    ETS runs ``batch / (M K)`` chains so that its rollout phase is exactly ``batch`` rows wide;
+    beam search is a single search, shown at 8 beams and at ``batch`` beams.
+    """
     return [
         ("ancestral", "ancestral", "verifier", batch, {}),
         ("best-of-n (N=8)", "best-of-n", "verifier", batch // 8, {"num_candidates": 8}),
         ("beam (8 beams)", "beam", "verifier", 1, {"num_beams": 8}),
+        (f"beam ({batch} beams)", "beam", "verifier", 1, {"num_beams": batch}),
         (
             "ets (M=4, K=2, I=4)",
             "ets",
             "verifier",
-            max(batch // 12, 1),
+            max(batch // 8, 1),
             {"num_candidates": 4, "num_rollouts": 2},
         ),
+        (
+            "ets (M=8, K=1, I=4)",
+            "ets",
+            "verifier",
+            max(batch // 8, 1),
+            {"num_candidates": 8, "num_rollouts": 1},
+        ),
         ("smc (prefix twist)", "smc", "verifier", batch, {"num_particles": batch}),
-        ("power (MH, alpha=4)", "power", "power", batch // 4, {"num_steps": 4}),
-        ("entropy-cut (MH)", "entropy-cut", "power", batch // 4, {"num_steps": 4}),
-        ("mh (uniform cut)", "mh", "power", batch // 4, {"num_steps": 4}),
+        # MH: one chain per row at the same batch width (ragged batching, the default), the old
+        # grouped batching at a quarter of the width for reference, and chains of 4 prompts in
+        # one batch (tiltsample.samplers.mh.sample_many)
+        ("power (MH, alpha=4)", "power", "power", batch, {"num_steps": 4}),
+        ("entropy-cut (MH)", "entropy-cut", "power", batch, {"num_steps": 4}),
+        ("mh (uniform cut)", "mh", "power", batch, {"num_steps": 4}),
+        (
+            "power (MH, grouped batching)",
+            "power",
+            "power",
+            batch // 4,
+            {"num_steps": 4, "batching": "grouped"},
+        ),
+        # num_samples = all chains of the joint run: batch // 4 per prompt
+        ("power (MH, 4 prompts, one batch)", "power", "power-joint", batch, {"num_steps": 4}),
     ]
 
 
@@ -93,6 +132,18 @@ def main(argv: list[str] | None = None) -> int:
             lambda: plain_decode(policy, prompt, args.batch, False, 0),
         ),
     ]
+    widths: dict[str, int] = {label: args.batch for label, _, _ in runs}
+    # plain decoding at the narrower widths some samplers run at (same-width reference)
+    plain_at: dict[int, str] = {args.batch: runs[0][0]}
+    for w in sorted({8, max(args.batch // 4, 1)} - {args.batch}):
+        label = f"plain decode, KV cache, {w} rows"
+
+        def narrow(w: int = w) -> Cost:
+            return plain_decode(policy, prompt, w, True, 0)
+
+        runs.append((label, w, narrow))
+        widths[label] = w
+        plain_at[w] = label
     names = {e.name for e in registry.samplers()}
     skipped = []
     for label, name, kind, n, params in sampler_runs(args.batch):
@@ -108,12 +159,29 @@ def main(argv: list[str] | None = None) -> int:
         def run(name: str = name, target: Any = target, n: int = n, params: Any = params) -> Cost:
             return sample(name, target, n, seed=0, progress=False, **params).cost
 
+        if kind == "power-joint":
+            from tiltsample.samplers import mh
+
+            joint = [
+                power_target(policy, 4.0, p.prompt_ids(), tasks.MAX_NEW_TOKENS)
+                for p in tasks.held_out_problems(4)
+            ]
+
+            def run(
+                name: str = name, target: Any = joint, n: int = n, params: Any = params
+            ) -> Cost:
+                per_prompt = max(n // len(target), 1)
+                outs = mh.sample_many(target, per_prompt, seed=0, sampler=name, **params)
+                joint_cost: Cost = outs[0].meta["joint_cost"]
+                return joint_cost
+
         try:
             run()  # warm-up, and a check that the parameters are accepted
         except (TypeError, ValueError) as exc:  # parameters of a sampler still in flux
             skipped.append(f"{label}: {exc}")
             continue
         runs.append((label, n, run))
+        widths[label] = peak_width(name, n, params)
 
     # round robin: every repetition times each run once, so load drift hits all runs alike
     times: dict[str, list[float]] = {label: [] for label, _, _ in runs}
@@ -128,31 +196,40 @@ def main(argv: list[str] | None = None) -> int:
     plain = runs[0][0]
     plain_rate = costs[plain].generated_tokens / median[plain]
     rows = [_row(label, n, median[label], costs[label], plain_rate) for label, n, _ in runs]
-    ets_time = next(
-        ((median[label], costs[label]) for label, _, _ in runs if label.startswith("ets")), None
-    )
+    for r in rows:
+        w = widths[r["run"]]
+        ref = plain_at.get(w)
+        r["width"] = w
+        r["vs_plain_same_width"] = (
+            r["rate"] / (costs[ref].generated_tokens / median[ref]) if ref else None
+        )
+    ets_times = [(label, median[label], costs[label]) for label, _, _ in runs if label[:3] == "ets"]
 
     lines = [
         f"# HF backend benchmark (model arith-ar, batch {args.batch}, {args.threads} thread(s), "
         f"median of {args.repeats})",
         "",
-        "| run | draws | gen. tokens | forward tokens | model calls | wall s | gen. tokens/s | "
-        "vs plain decode | forward / generated |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| run | draws | rows / call (peak) | gen. tokens | forward tokens | model calls | "
+        f"wall s | gen. tokens/s | vs plain decode ({args.batch} rows) | "
+        "vs plain decode, same rows | forward / generated |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        same_w = r["vs_plain_same_width"]
         lines.append(
-            f"| {r['run']} | {r['draws']} | {r['generated']} | {r['forward']} | {r['calls']} | "
-            f"{r['seconds']:.3f} | {r['rate']:.0f} | {r['vs_plain']:.2f} | {r['fwd_per_gen']:.2f} |"
+            f"| {r['run']} | {r['draws']} | {r['width']} | {r['generated']} | {r['forward']} | "
+            f"{r['calls']} | {r['seconds']:.3f} | {r['rate']:.0f} | {r['vs_plain']:.2f} | "
+            f"{'' if same_w is None else f'{same_w:.2f}'} | {r['fwd_per_gen']:.2f} |"
         )
-    if ets_time is not None:
-        t, c = ets_time
+    if ets_times:
+        lines.append("")
+    for label, t, c in ets_times:
         same = c.generated_tokens / plain_rate
-        lines += [
-            "",
-            f"ETS wall time {t:.3f} s vs {same:.3f} s for the same "
-            f"{c.generated_tokens} tokens in plain batched decoding (ratio {t / same:.2f}).",
-        ]
+        lines.append(
+            f"{label}: wall time {t:.3f} s vs {same:.3f} s for the same {c.generated_tokens} "
+            f"tokens in plain batched decoding (ratio {t / same:.2f}); {c.model_calls} model "
+            f"calls vs {costs[plain].model_calls}."
+        )
     if skipped:
         lines += ["", "Not run:"] + [f"- {s}" for s in skipped]
     out = Path(args.out)

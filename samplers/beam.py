@@ -85,45 +85,49 @@ def build_kernel(num_beams: int = 4, potential: PrefixPotential | None = None) -
         before = session.cost
         log_p = session.logprobs().to(torch.float64)
         t = session.length
-        cand_parent: list[int] = []
-        cand_token: list[int] = []
-        cand_seq: list[Seq] = []
-        cand_lp: list[float] = []
-        for b, beam in enumerate(state.beams):
-            if bool(state.finished[b]):
-                cand_parent.append(b)
-                cand_token.append(eos)
-                cand_seq.append(beam)
-                cand_lp.append(float(state.log_reference[b]))
-                continue
-            row = state.log_reference[b] + log_p[b]
-            for v in torch.nonzero(row > -math.inf).flatten().tolist():
-                if condition and t == cap - 1 and v != eos:
-                    continue
-                cand_parent.append(b)
-                cand_token.append(v)
-                cand_seq.append((*beam, v))
-                cand_lp.append(float(row[v]))
-        lp = torch.tensor(cand_lp, dtype=torch.float64)
-        was_done = torch.tensor([bool(state.finished[p]) for p in cand_parent])
-        complete = torch.tensor([target.is_complete(x) for x in cand_seq]) & ~was_done
-        scores = torch.empty(len(cand_seq), dtype=torch.float64)
-        scores[was_done] = state.scores[torch.tensor(cand_parent)[was_done]]
+        fin = state.finished
+        vocab = int(log_p.shape[1])
+        # candidates as a [beams, V] grid read in row-major (beam, token) order: every token of
+        # positive probability of a live beam, and one entry (the EOS column) per finished beam
+        lp_grid = state.log_reference[:, None] + log_p
+        valid = (lp_grid > -math.inf) & ~fin[:, None]
+        if condition and t == cap - 1:
+            valid[:, torch.arange(vocab) != eos] = False
+        if bool(fin.any()):
+            valid[fin] = False
+            valid[fin, eos] = True
+            lp_grid[fin, eos] = state.log_reference[fin]
+        flat = valid.flatten().nonzero().flatten()
+        parent_of = flat // vocab
+        token_of = flat % vocab
+        lp = lp_grid.flatten()[flat]
+        was_done = fin[parent_of]
+        ends = token_of == eos
+        if not condition and t + 1 == cap:
+            ends = torch.ones_like(ends)
+        complete = ends & ~was_done
+
+        def seq_of(i: int) -> Seq:
+            return (*state.beams[int(parent_of[i])], int(token_of[i]))
+
+        scores = torch.empty(len(flat), dtype=torch.float64)
+        scores[was_done] = state.scores[parent_of[was_done]]
         extra = Cost()
         idx_c = complete.nonzero().flatten().tolist()
         if idx_c:
-            tilt = target.evaluate_tilt([cand_seq[i] for i in idx_c], log_reference=lp[idx_c])
+            tilt = target.evaluate_tilt([seq_of(i) for i in idx_c], log_reference=lp[idx_c])
             extra = extra + tilt.cost
             scores[idx_c] = torch.where(
                 torch.isneginf(tilt.log_tilt), tilt.log_tilt, lp[idx_c] + tilt.log_tilt
             )
-        idx_u = (~complete & ~was_done).nonzero().flatten().tolist()
-        if idx_u:
-            if potential is None:
-                scores[idx_u] = lp[idx_u]
-            else:
+        unfinished = ~complete & ~was_done
+        if potential is None:
+            scores[unfinished] = lp[unfinished]
+        else:
+            idx_u = unfinished.nonzero().flatten().tolist()
+            if idx_u:
                 psi, pcost = potential.log_potential(
-                    target.prompt, [cand_seq[i] for i in idx_u], generator
+                    target.prompt, [seq_of(i) for i in idx_u], generator
                 )
                 extra = extra + pcost
                 scores[idx_u] = torch.where(
@@ -132,8 +136,9 @@ def build_kernel(num_beams: int = 4, potential: PrefixPotential | None = None) -
         # stable sort: ties keep (beam, token) order
         order = torch.sort(-scores, stable=True).indices[:width]
         keep = order.tolist()
-        parents = torch.tensor([cand_parent[i] for i in keep], dtype=torch.long)
-        tokens = torch.tensor([cand_token[i] for i in keep], dtype=torch.long)
+        parents = parent_of[order]
+        tokens = torch.where(was_done[order], torch.full_like(parents, eos), token_of[order])
+        beams = [state.beams[int(parent_of[i])] if bool(was_done[i]) else seq_of(i) for i in keep]
         live_before = int((~state.finished).sum())
         session.select(parents)
         finished = (complete | was_done)[order]
@@ -146,7 +151,7 @@ def build_kernel(num_beams: int = 4, potential: PrefixPotential | None = None) -
             model_calls=after.model_calls - before.model_calls,
         )
         new = state._replace(
-            beams=[cand_seq[i] for i in keep],
+            beams=beams,
             log_reference=lp[order],
             scores=scores[order],
             finished=finished,

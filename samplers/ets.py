@@ -597,9 +597,10 @@ def _ar_step(
         prop.select(rep)
         prop.extend(dec.tokens)
     inc = (~complete).nonzero().flatten()
-    session.select(inc)
-    if prop is not None:
-        prop.select(inc)
+    if len(inc) < len(complete):  # drop the complete candidates (scored exactly, no rollouts)
+        session.select(inc)
+        if prop is not None:
+            prop.select(inc)
     extra = Cost()
     rollout_seqs: list[Seq] = []
     rollout_ref = rollout_ratio = potential_log_e = None

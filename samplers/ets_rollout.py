@@ -58,7 +58,7 @@ from tiltsample.diffusion import (
     is_masked_diffusion,
     states_to_seqs,
 )
-from tiltsample.policy import DecodeSession, ReferencePolicy, open_session
+from tiltsample.policy import DecodeSession, ReferencePolicy, extend_and_score, open_session
 from tiltsample.target import TiltedTarget
 from tiltsample.types import Cost, Seq
 
@@ -230,7 +230,8 @@ def rollouts_from_sessions(
     rollouts run on forks expanded by ``select``, so each prefix is encoded once however many
     rollouts it gets. Without a proposal the rollouts are decoded by ``p_ref``
     at ``temperature``; with one, by the proposal at ``temperature``, and ``p_ref`` scores the
-    rollout tokens by teacher forcing on its fork.
+    rollout tokens by teacher forcing on its fork (one model call for all of them when the session
+    has ``extend_and_score``).
     """
     rows = session.batch_size
     rep = torch.arange(rows).repeat_interleave(num_rollouts)
@@ -238,7 +239,8 @@ def rollouts_from_sessions(
     if proposal_session is not None:
         proposal_session.logprobs()
     ref = session.fork()
-    ref.select(rep)
+    if num_rollouts > 1:  # K = 1: the rows are already the rollout rows (no cache copy)
+        ref.select(rep)
     prefix_rows = ref.tokens()
     condition = target.truncation == "condition"
     extra = Cost()
@@ -254,7 +256,8 @@ def rollouts_from_sessions(
         token_lp, token_lq = dec.token_log_p, dec.token_log_q
     else:
         prop = proposal_session.fork()
-        prop.select(rep)
+        if num_rollouts > 1:
+            prop.select(rep)
         dec = decode_until_complete(
             prop,
             generator,
@@ -264,12 +267,9 @@ def rollouts_from_sessions(
             force_eos_at_cap=condition,
         )
         token_lq = dec.token_log_q
-        token_lp = torch.zeros_like(token_lq)
-        for j in range(dec.tokens.shape[1]):  # teacher forcing: p_ref of the rollout tokens
-            lp = ref.logprobs().to(torch.float64)
-            tok = dec.tokens[:, j]
-            token_lp[:, j] = lp.gather(1, tok[:, None]).squeeze(1)
-            ref.extend(tok)
+        # teacher forcing: p_ref of all rollout tokens, in one model call when the session can
+        # score given tokens (extend_and_score), else one call per position
+        token_lp = extend_and_score(ref, dec.tokens).to(torch.float64)
         live = torch.arange(dec.tokens.shape[1])[None, :] < dec.new_lengths[:, None]
         token_lp = torch.where(live, token_lp, torch.zeros_like(token_lp))
         extra = prop.cost

@@ -55,14 +55,24 @@ Stages
 Cost per step
     The regenerated suffix of every chain (rejected proposals included), ``sum_j c_x(j)(n - j)``
     tokens in expectation (``(n + 1)/2`` for a uniform cut); one reward call per proposal per
-    non-reference tilt term. Sessions never re-encode a frozen prefix with
-    ``batching="grouped"`` (default): chains are grouped by (session, cut), each group is forked,
-    selected and truncated to its cut and decoded as one batch; a rejected proposal costs nothing
-    to undo; but chains cut at different positions decode in separate batches.
-    ``batching="aligned"`` decodes all chains in lock-step in one batch per step: a prefill up to
-    the smallest cut, then every row teacher-forced with its own frozen tokens up to its cut (far
-    fewer model calls, 5-7x faster on the embedded tiny LM; the re-encoded prefixes are counted in
-    ``forward_tokens``). Same kernel either way.
+    non-reference tilt term. Batching (same kernel in every mode; randomness is drawn in a
+    different order, so equal seeds give equal laws, not equal outputs):
+    ``batching="ragged"`` (the default, ``"auto"``, whenever the session has ragged rows:
+    :class:`~tiltsample.policy.RaggedDecodeSession`) keeps every chain's state in one session,
+    cuts each row at its own cut (:func:`~tiltsample.policy.truncate_rows`; no re-encoding) and
+    decodes all suffixes in lock-step in one batch — model calls per step = the longest suffix,
+    forward tokens = the new tokens plus one re-fed token per chain (finished rows leave the batch
+    once half of it has finished); accepted rows are merged into the next state session
+    (:func:`~tiltsample.policy.append_rows` + ``select``). ``batching="grouped"`` (the fallback)
+    groups chains by (session, cut): each group is forked, selected and truncated to its cut and
+    decoded as one batch, so chains cut at different positions decode in separate batches.
+    ``batching="aligned"`` decodes all chains in lock-step from the smallest cut, teacher-forcing
+    each row's frozen tokens up to its cut (re-fed prefixes counted in ``forward_tokens``).
+Many prompts
+    :func:`sample_many` / :func:`init_many` run chains of several targets (same policy, cap,
+    truncation and tilt structure; different prompts and rewards) in one batch over a
+    multi-prompt session (:func:`~tiltsample.policy.open_session_multi`); each target's chains
+    follow exactly their own kernel, and :func:`results` returns one result per target.
 References
     Karan & Du, arXiv 2510.14901 (power sampling, Algorithm 1); Zhou, Mehrotra & Liu,
     arXiv 2605.30327 (entropy-cut MH); Faria & Smith 2025, *Sample, Don't Search* (QAlign);
@@ -85,7 +95,15 @@ from torch import Tensor
 
 from tiltsample import validation
 from tiltsample.diffusion import is_masked_diffusion
-from tiltsample.policy import DecodeSession, open_session
+from tiltsample.policy import (
+    DecodeSession,
+    append_rows,
+    open_session,
+    open_session_multi,
+    row_lengths,
+    supports_ragged,
+    truncate_rows,
+)
 from tiltsample.results import SampleSet
 from tiltsample.reward import check_reward_output
 from tiltsample.sampler import ChainRecord, SamplingAlgorithm
@@ -110,6 +128,7 @@ __all__ = [
     "entropy_cut_sampler",
     "evaluate_rest",
     "init",
+    "init_many",
     "log_density_from_parts",
     "make_config",
     "mh_log_ratio",
@@ -119,6 +138,8 @@ __all__ = [
     "record",
     "resolve_alpha",
     "result",
+    "results",
+    "sample_many",
     "sampler",
     "stage_caps",
     "token_law",
@@ -128,7 +149,7 @@ __all__ = [
 CUTS: tuple[str, ...] = ("uniform", "entropy_jump")
 LENGTH_MODES: tuple[str, ...] = ("exact", "reference")
 SUPPORTS: tuple[str, ...] = ("full", "top_k")
-BATCHINGS: tuple[str, ...] = ("grouped", "aligned")
+BATCHINGS: tuple[str, ...] = ("auto", "ragged", "grouped", "aligned")
 
 DEFAULT_STEPS_PLAIN = 100
 DEFAULT_STEPS_PER_STAGE = 10
@@ -150,7 +171,7 @@ class MHConfig:
     support: str = "full"
     top_k: int = 50
     block_size: int | None = None
-    batching: str = "grouped"
+    batching: str = "auto"
     greedy: bool = False
 
     def __post_init__(self) -> None:
@@ -201,7 +222,7 @@ def make_config(
     support: str = "full",
     top_k: int = 50,
     block_size: int | None = None,
-    batching: str = "grouped",
+    batching: str = "auto",
     greedy: bool = False,
 ) -> MHConfig:
     """An :class:`MHConfig`; ``num_steps=None`` means 100 (plain) or 10 per stage (staged)."""
@@ -526,8 +547,17 @@ def _decode_rows(
     force_eos: Tensor | bool,
     forced: Tensor | None = None,
     forced_until: Tensor | None = None,
+    start: Tensor | None = None,
+    hard_cap: int | None = None,
 ) -> _Suffix:
     """Extend every row of ``session`` from its length to EOS or its own cap ``caps[r]``.
+
+    ``start[r]`` is row ``r``'s length (ragged sessions; default: ``session.length`` for all).
+    With ``hard_cap``, a row that reaches ``caps[r] == hard_cap`` without EOS while other rows
+    still decode is fed EOS instead of its last token (the recorded suffix keeps the token): the
+    session then never asks the policy for a law past the target's cap, which a policy need not
+    define. That position of the session row is never read again (later cuts lie below it and a
+    chain at the target's cap is never extended).
 
     Rows are teacher-forced with ``forced[r, t - start]`` while ``t < forced_until[r]`` (their
     stats are recorded, their tokens not counted as generated). A row with ``force_eos[r]`` (the
@@ -537,11 +567,12 @@ def _decode_rows(
     never read: the next use truncates below them).
     """
     rows = session.batch_size
-    start = session.length
     if rows == 0:
         return _empty_suffix(0)
+    if start is None:
+        start = torch.full((rows,), session.length, dtype=torch.long)
     live = caps > start
-    steps = int(caps.max()) - start
+    steps = int((caps - start).max())
     force_rows = torch.as_tensor(force_eos, dtype=torch.bool).expand(rows)
     toks: list[Tensor] = []
     ells: list[Tensor] = []
@@ -580,7 +611,10 @@ def _decode_rows(
         hs.append(torch.where(live, law.entropy, zero))
         new_len += live.long()
         generated += int((live & ~is_forced).sum())
-        session.extend(torch.where(live, tok, eos))
+        fed = torch.where(live, tok, eos)
+        if hard_cap is not None:
+            fed = torch.where(live & (t + 1 == caps) & (caps == hard_cap), eos, fed)
+        session.extend(fed)
         live = live & (tok != eos_id) & (t + 1 < caps)
     if not toks:
         return _empty_suffix(rows)
@@ -592,6 +626,94 @@ def _decode_rows(
         new_len,
         generated,
     )
+
+
+def _decode_ragged(
+    session: DecodeSession,
+    generator: torch.Generator,
+    *,
+    start: Tensor,
+    caps: Tensor,
+    eos_id: int,
+    config: MHConfig,
+    force_eos: bool,
+    hard_cap: int,
+    shrink_below: float = 0.5,
+    min_rows: int = 8,
+) -> tuple[_Suffix, DecodeSession]:
+    """Ragged batching: extend row ``r`` (of length ``start[r]``) to EOS or ``caps[r]``, all rows
+    in lock-step, and return the suffixes and the session holding the extended rows.
+
+    Same law as :func:`_decode_rows` (one draw per live row and position from ``q_tau``; EOS
+    forced at ``cap - 1`` with ``force_eos``). Finished rows leave the decoding batch: when at
+    most ``shrink_below`` of its rows are live (and it has ``>= min_rows`` rows), the finished
+    ones are parked in a fork (``select``) and come back at the end
+    (:func:`~tiltsample.policy.append_rows`, then ``select`` to restore the row order), so forward
+    calls push mostly new tokens instead of padding.
+    """
+    rows = session.batch_size
+    if rows == 0:
+        return _empty_suffix(0), session
+    live = caps > start
+    steps = int((caps - start).max())
+    width = max(steps, 0)
+    toks = torch.full((rows, width), eos_id, dtype=torch.long)
+    ells = torch.zeros((rows, width), dtype=torch.float64)
+    gs = torch.zeros((rows, width), dtype=torch.float64)
+    hs = torch.zeros((rows, width), dtype=torch.float64)
+    new_len = torch.zeros(rows, dtype=torch.long)
+    generated = 0
+    members = torch.arange(rows)  # original index of every row of the decoding session
+    parked: list[tuple[DecodeSession, Tensor]] = []
+    for step in range(steps):
+        mine = live[members]
+        if not bool(mine.any()):
+            break
+        n = int(members.numel())
+        if n >= min_rows and int(mine.sum()) <= shrink_below * n:
+            gone = (~mine).nonzero().flatten()
+            piece = session.fork()
+            piece.select(gone)
+            parked.append((piece, members[gone]))
+            session.select(mine.nonzero().flatten())
+            members = members[mine]
+            mine = live[members]
+        t = start[members] + step
+        cap = caps[members]
+        law = token_law(
+            session.logprobs(), config.proposal_temperature, config.support, config.top_k
+        )
+        tok = _sample(generator, law.log_q)
+        g = law.log_q.gather(1, tok[:, None]).squeeze(1)
+        if force_eos:
+            at_cap = t == cap - 1
+            tok = torch.where(at_cap, torch.full_like(tok, eos_id), tok)
+            g = torch.where(at_cap, torch.zeros_like(g), g)
+        ell = law.log_p.gather(1, tok[:, None]).squeeze(1)
+        keep = mine
+        idx = members[keep]
+        toks[idx, step] = tok[keep]
+        ells[idx, step] = ell[keep]
+        gs[idx, step] = g[keep]
+        hs[idx, step] = law.entropy[keep]
+        new_len[idx] += 1
+        generated += int(keep.sum())
+        fed = torch.where(keep, tok, torch.full_like(tok, eos_id))
+        # a row at the target's cap is fed EOS: the policy need not define a law past it (that
+        # position of the session row is never read again)
+        fed = torch.where(keep & (t + 1 == cap) & (cap == hard_cap), eos_id, fed)
+        session.extend(fed)
+        live[members] = keep & (tok != eos_id) & (t + 1 < cap)
+    for piece, idx in parked:
+        session = append_rows(session, piece)
+        members = torch.cat([members, idx])
+    if parked:
+        session.select(torch.argsort(members))
+    width = int(new_len.max()) if rows else 0
+    suf = _Suffix(
+        toks[:, :width], ells[:, :width], gs[:, :width], hs[:, :width], new_len, generated
+    )
+    return suf, session
 
 
 def _sample(generator: torch.Generator, log_q: Tensor) -> Tensor:
@@ -700,6 +822,14 @@ class MHState(NamedTuple):
     serial: int
     last: MHInfo | None
     cost: Cost
+    batching: str = "grouped"
+    """The batching actually used (``"auto"`` resolved at :func:`init`)."""
+    targets: tuple[TiltedTarget, ...] = ()
+    """All targets of a joint run (:func:`init_many`; empty for a single target)."""
+    owner: Tensor | None = None
+    """``[C]`` long: the target of every chain in a joint run."""
+    chain_cost: Tensor | None = None
+    """``[C, 2]`` long: generated tokens and reward calls spent on each chain."""
 
 
 def _check_target(target: TiltedTarget, config: MHConfig, parts: TargetParts) -> None:
@@ -758,18 +888,37 @@ def _regenerate(
     cuts: Tensor,
     caps: Tensor,
     force_eos: bool,
-) -> tuple[_Suffix, tuple[tuple[_Slot, int], ...] | None, int, Cost]:
-    """Decode new suffixes of ``rows`` from ``cuts`` to ``caps``; return them and their handles."""
+) -> tuple[_Suffix, tuple[tuple[_Slot, int], ...] | None, int, Cost, DecodeSession | None]:
+    """Decode new suffixes of ``rows`` from ``cuts`` to ``caps``; return them, their handles
+    (grouped), the serial counter, the cost and (ragged) the session holding the proposals."""
     config, eos = state.config, state.target.eos_id
     n = int(rows.numel())
     serial = state.serial
     cost = Cost()
     if n == 0:
-        return _empty_suffix(0), (), serial, cost
-    if config.batching == "aligned":
+        return _empty_suffix(0), (), serial, cost, None
+    if state.batching == "ragged":
+        # every chain cut at its own position, all suffixes decoded in lock-step in one batch
         assert state.root is not None
         session = state.root.session.fork()
-        session.select(torch.zeros(n, dtype=torch.long))
+        session.select(rows)
+        session = truncate_rows(session, row_lengths(session) - cuts)
+        suf, session = _decode_ragged(
+            session,
+            generator,
+            start=cuts,
+            caps=caps,
+            eos_id=eos,
+            config=config,
+            force_eos=force_eos,
+            hard_cap=state.target.max_new_tokens,
+        )
+        # the session's cost moves with its rows into the merged state session (_merge_root)
+        return suf, None, serial, Cost(generated_tokens=suf.generated), session
+    if state.batching == "aligned":
+        assert state.root is not None
+        session = state.root.session.fork()
+        session.select(_root_rows(state, rows))
         j_min = int(cuts.min())
         if j_min > 0:
             session.extend(state.tokens[rows, :j_min])
@@ -795,7 +944,7 @@ def _regenerate(
             suf.generated,
         )
         cost = cost + session.cost + Cost(generated_tokens=suf.generated)
-        return suf, None, serial, cost
+        return suf, None, serial, cost, None
     assert state.handles is not None
     groups: dict[tuple[int, int], list[int]] = {}
     for k, (c, j) in enumerate(zip(rows.tolist(), cuts.tolist(), strict=True)):
@@ -823,7 +972,30 @@ def _regenerate(
         parts.append((members, suf))
         cost = cost + session.cost + Cost(generated_tokens=suf.generated)
     handles = tuple(h for h in new_handles if h is not None)
-    return _pad_cat(parts, n, eos), handles, serial, cost
+    return _pad_cat(parts, n, eos), handles, serial, cost, None
+
+
+def _root_rows(state: MHState, rows: Tensor) -> Tensor:
+    """Rows of the aligned root session (one per prompt) that the chains ``rows`` continue."""
+    if state.owner is None:
+        return torch.zeros(int(rows.numel()), dtype=torch.long)
+    return state.owner[rows]
+
+
+def _merge_root(
+    state: MHState, rows: Tensor, take: Tensor, proposals: DecodeSession | None
+) -> tuple[_Slot | None, Cost]:
+    """Ragged batching: the session of the new states (chain ``c`` = row ``c``): proposal rows
+    for the chains ``rows[take]``, the old rows otherwise. Returns it and its cost (the
+    proposals' decoding included)."""
+    if proposals is None or state.root is None:
+        return state.root, Cost()
+    chains = state.tokens.shape[0]
+    merged = append_rows(state.root.session.fork(), proposals)
+    index = torch.arange(chains)
+    index[rows[take]] = chains + take.nonzero().flatten()
+    merged.select(index)
+    return _Slot(merged, state.root.serial + 1), merged.cost
 
 
 def _splice(prefix: Tensor, cuts: Tensor, suffix: Tensor, fill: float | int) -> Tensor:
@@ -863,8 +1035,80 @@ def init(
     cfg = _config_from(config)
     validation.generator("generator", generator)
     chains = validation.positive_int("num_samples", num_samples)
-    parts = decompose_target(target)
-    _check_target(target, cfg, parts)
+    return _init_joint([target], chains, generator, initial, cfg)
+
+
+def init_many(
+    targets: Sequence[TiltedTarget],
+    *,
+    generator: torch.Generator,
+    num_samples: int,
+    **config: Any,
+) -> MHState:
+    """``num_samples`` chains for *each* of ``targets``, all in one batch (one joint state).
+
+    The targets must share the policy, ``max_new_tokens``, the truncation convention and the
+    tilt structure (the same exponent of ``p_ref`` and the same names of the other tilt terms);
+    prompts, rewards and their temperatures may differ. Chains of target ``i`` are the rows
+    ``i·num_samples .. (i+1)·num_samples - 1``; every chain follows exactly the kernel of its own
+    target (the batch only shares model calls). The decode session holds the rows of all prompts
+    (:func:`tiltsample.policy.open_session_multi`). Step with :func:`build_kernel`; split the
+    result with :func:`results`.
+    """
+    cfg = _config_from(config)
+    validation.generator("generator", generator)
+    chains = validation.positive_int("num_samples", num_samples)
+    listed = list(targets)
+    if not listed:
+        raise ValueError("targets must hold at least one TiltedTarget")
+    return _init_joint(listed, chains, generator, None, cfg)
+
+
+def _check_joint(targets: list[TiltedTarget], cfg: MHConfig) -> list[TargetParts]:
+    parts_all = []
+    for i, t in enumerate(targets):
+        if not isinstance(t, TiltedTarget):
+            raise TypeError(f"targets[{i}] must be a TiltedTarget, got {type(t).__name__}")
+        parts = decompose_target(t)
+        _check_target(t, cfg, parts)
+        parts_all.append(parts)
+    first, p0 = targets[0], parts_all[0]
+    for i, (t, p) in enumerate(zip(targets, parts_all, strict=True)):
+        if t.policy is not first.policy:
+            raise ValueError(
+                f"targets[{i}] has another policy than targets[0]: one batch needs one"
+            )
+        if t.max_new_tokens != first.max_new_tokens or t.truncation != first.truncation:
+            raise ValueError(
+                f"targets[{i}] differs from targets[0] in max_new_tokens or truncation "
+                f"({t.max_new_tokens}, {t.truncation!r} vs {first.max_new_tokens}, "
+                f"{first.truncation!r})"
+            )
+        same_terms = [x.name for x in p.rest] == [x.name for x in p0.rest]
+        if abs(p.power - p0.power) > 1e-12 * max(1.0, abs(p0.power)) or not same_terms:
+            raise ValueError(
+                f"targets[{i}] has another tilt structure than targets[0] (exponent of p_ref "
+                f"{p.power} vs {p0.power}, terms {[x.name for x in p.rest]} vs "
+                f"{[x.name for x in p0.rest]})"
+            )
+        if (t.reward is None) != (first.reward is None):
+            raise ValueError(f"targets[{i}]: either every target has a reward or none has")
+    return parts_all
+
+
+def _init_joint(
+    targets: list[TiltedTarget],
+    per_target: int,
+    generator: torch.Generator,
+    initial: Sequence[Seq] | None,
+    cfg: MHConfig,
+) -> MHState:
+    parts_all = _check_joint(targets, cfg)
+    target, parts = targets[0], parts_all[0]
+    joint = len(targets) > 1
+    chains = per_target * len(targets)
+    owner = torch.repeat_interleave(torch.arange(len(targets)), per_target) if joint else None
+    prompts = [t.prompt for t in targets]
     caps = tuple(stage_caps(target.max_new_tokens, cfg.block_size))
     eos, width = target.eos_id, target.max_new_tokens
     condition = target.truncation == "condition"
@@ -887,16 +1131,27 @@ def init(
             forced[c, : len(x)] = torch.tensor(x, dtype=torch.long)
         force = (cap0 == width) & condition
     root: _Slot | None = None
+    policy = target.policy
     if cfg.batching == "aligned":
-        base = open_session(target.policy, target.prompt, 1)
-        base.logprobs()  # encode the prompt once; every step forks this session
+        base = (
+            open_session_multi(policy, prompts, 1) if joint else open_session(policy, prompts[0], 1)
+        )
+        base.logprobs()  # encode the prompts once; every step forks this session
         root = _Slot(base, 0)
         session = base.fork()
-        session.select(torch.zeros(chains, dtype=torch.long))
+        session.select(owner if owner is not None else torch.zeros(chains, dtype=torch.long))
         cost = base.cost
+        mode = "aligned"
     else:
-        session = open_session(target.policy, target.prompt, chains)
+        session = (
+            open_session_multi(policy, prompts, per_target)
+            if joint
+            else open_session(policy, prompts[0], chains)
+        )
         cost = Cost()
+        mode = cfg.batching
+        if mode == "auto":
+            mode = "ragged" if supports_ragged(session) else "grouped"
     suf = _decode_rows(
         session,
         generator,
@@ -919,8 +1174,14 @@ def init(
     ell = _splice(blank, zeros, suf.ell, 0.0)
     log_ref = ell.sum(dim=1)
     cost = cost + session.cost + Cost(generated_tokens=suf.generated)
-    rest, reward, rcost = _score(target, parts, len(caps) == 1, tokens, suf.length, log_ref)
+    all_rows = torch.arange(chains)
+    rest, reward, rcost, per_calls = _score_chains(
+        targets, parts_all, owner, all_rows, len(caps) == 1, tokens, suf.length, log_ref
+    )
     slot = _Slot(session, 1)
+    if mode == "ragged":
+        root = slot
+    generated = suf.length if initial is None else torch.zeros(chains, dtype=torch.long)
     return MHState(
         target=target,
         config=cfg,
@@ -941,11 +1202,15 @@ def init(
         steps_done=0,
         accepted_count=torch.zeros(chains, dtype=torch.long),
         moved_count=torch.zeros(chains, dtype=torch.long),
-        handles=None if root is not None else tuple((slot, c) for c in range(chains)),
+        handles=tuple((slot, c) for c in range(chains)) if mode == "grouped" else None,
         root=root,
         serial=1,
         last=None,
         cost=cost + rcost,
+        batching=mode,
+        targets=tuple(targets) if joint else (),
+        owner=owner,
+        chain_cost=torch.stack([generated.long(), per_calls], dim=1),
     )
 
 
@@ -982,6 +1247,49 @@ def _score(
     return torch.zeros_like(log_ref), _staged_reward(target, log_ref), Cost()
 
 
+def _score_chains(
+    targets: Sequence[TiltedTarget],
+    parts_all: Sequence[TargetParts],
+    owner: Tensor | None,
+    chain_ids: Tensor,
+    complete: bool,
+    tokens: Tensor,
+    length: Tensor,
+    log_ref: Tensor,
+) -> tuple[Tensor, Tensor | None, Cost, Tensor]:
+    """:func:`_score` of the responses of chains ``chain_ids``, each under its own target; also
+    the reward calls spent per response ``[R]``."""
+    n = int(chain_ids.numel())
+    if owner is None or len(targets) == 1:
+        single = _score(targets[0], parts_all[0], complete, tokens, length, log_ref)
+        calls = torch.full((n,), single[2].reward_calls // max(n, 1), dtype=torch.long)
+        return single[0], single[1], single[2], calls
+    rest = torch.zeros(n, dtype=torch.float64)
+    reward: Tensor | None = None
+    cost = Cost()
+    per = torch.zeros(n, dtype=torch.long)
+    mine = owner[chain_ids]
+    for i, (t, p) in enumerate(zip(targets, parts_all, strict=True)):
+        m = (mine == i).nonzero().flatten()
+        if m.numel() == 0:
+            continue
+        r, w, c = _score(t, p, complete, tokens[m], length[m], log_ref[m])
+        rest[m] = r
+        if w is not None:
+            if reward is None:
+                reward = torch.zeros(n, dtype=torch.float64)
+            reward[m] = w.to(torch.float64)
+        cost = cost + c
+        per[m] = c.reward_calls // int(m.numel())
+    return rest, reward, cost, per
+
+
+def _all_targets(state: MHState) -> tuple[tuple[TiltedTarget, ...], list[TargetParts]]:
+    targets = state.targets or (state.target,)
+    parts = [state.parts] if not state.targets else [decompose_target(t) for t in targets]
+    return targets, parts
+
+
 def _staged_reward(target: TiltedTarget, log_ref: Tensor) -> Tensor | None:
     primary = target.reward
     if primary is None or not getattr(primary, "uses_reference_logprob", False):
@@ -1005,7 +1313,7 @@ def _advance_stage(state: MHState, generator: torch.Generator) -> MHState:
         new_cap = torch.full_like(state.length, state.caps[stage - 1])
     chain_cap = torch.where(active, new_cap, state.chain_cap)
     rows = active.nonzero().flatten()
-    suf, handles, serial, cost = _regenerate(
+    suf, handles, serial, cost, proposals = _regenerate(
         state._replace(active=active),
         generator,
         rows,
@@ -1027,6 +1335,14 @@ def _advance_stage(state: MHState, generator: torch.Generator) -> MHState:
     length = state.length.clone()
     length[rows] = cuts + suf.length
     log_ref = ell.sum(dim=1)
+    root, merge_cost = _merge_root(
+        state, rows, torch.ones(int(rows.numel()), dtype=torch.bool), proposals
+    )
+    cost = cost + merge_cost
+    chain_cost = state.chain_cost
+    if chain_cost is not None:
+        chain_cost = chain_cost.clone()
+        chain_cost[rows, 0] += suf.length
     new_handles = state.handles
     if handles is not None and state.handles is not None:
         listed = list(state.handles)
@@ -1048,6 +1364,8 @@ def _advance_stage(state: MHState, generator: torch.Generator) -> MHState:
         handles=new_handles,
         serial=serial,
         cost=state.cost + cost,
+        root=root,
+        chain_cost=chain_cost,
     )
 
 
@@ -1067,7 +1385,7 @@ def _mh_step(state: MHState, generator: torch.Generator, ext_cost: Cost) -> tupl
     log_c_fwd = log_c.gather(1, cuts[:, None]).squeeze(1) if rows.numel() else torch.zeros(0)
     # 2. proposals
     caps = state.length[rows] if reference else state.chain_cap[rows]
-    suf, handles, serial, cost = _regenerate(
+    suf, handles, serial, cost, proposals = _regenerate(
         state, generator, rows, cuts, caps, _rows_force_eos(state, final)
     )
     p_tokens = _splice(state.tokens[rows], cuts, suf.tokens, eos)
@@ -1089,7 +1407,10 @@ def _mh_step(state: MHState, generator: torch.Generator, ext_cost: Cost) -> tupl
         log_c_rev = cut_log_probs(p_ent, p_len, config.cut, config.cut_power)
         log_c_rev = log_c_rev.gather(1, cuts[:, None]).squeeze(1) if rows.numel() else log_c_fwd
     p_log_ref = p_ell.sum(dim=1)
-    p_rest, p_reward, rcost = _score(target, state.parts, final, p_tokens, p_len, p_log_ref)
+    targets, parts_all = _all_targets(state)
+    p_rest, p_reward, rcost, per_calls = _score_chains(
+        targets, parts_all, state.owner, rows, final, p_tokens, p_len, p_log_ref
+    )
     cost = cost + rcost
     ratio = mh_log_ratio(
         power=state.parts.power,
@@ -1105,6 +1426,13 @@ def _mh_step(state: MHState, generator: torch.Generator, ext_cost: Cost) -> tupl
     )
     log_u = torch.log(torch.rand(int(rows.numel()), generator=generator, dtype=torch.float64))
     acc = log_u < ratio.total
+    root, merge_cost = _merge_root(state, rows, acc, proposals)
+    cost = cost + merge_cost
+    chain_cost = state.chain_cost
+    if chain_cost is not None:
+        chain_cost = chain_cost.clone()
+        chain_cost[rows, 0] += suf.length
+        chain_cost[rows, 1] += per_calls
     # 4. update
     tokens, ell, g, ent = (
         state.tokens.clone(),
@@ -1173,6 +1501,8 @@ def _mh_step(state: MHState, generator: torch.Generator, ext_cost: Cost) -> tupl
         serial=serial,
         last=info,
         cost=state.cost + cost,
+        root=root,
+        chain_cost=chain_cost,
     )
     return new_state, info
 
@@ -1306,6 +1636,7 @@ def result(state: MHState) -> SampleSet:
         "failed": int((~ok).sum()),
         "power": state.parts.power,
         "config": state.config.as_dict(),
+        "batching": state.batching,
     }
     return SampleSet(
         seqs,
@@ -1316,6 +1647,120 @@ def result(state: MHState) -> SampleSet:
         None,
         meta,
     )
+
+
+def results(state: MHState) -> list[SampleSet]:
+    """One :class:`SampleSet` per target of a joint state (:func:`init_many`), in target order.
+
+    Each holds its target's chains (``num_samples`` of them) exactly as :func:`result` would.
+    Cost: ``generated_tokens`` and ``reward_calls`` are those of the target's own chains;
+    ``forward_tokens`` is the joint run's, apportioned in proportion to generated tokens (the
+    rows share every forward call); ``model_calls`` is the joint run's (every call served all
+    targets). ``meta["joint_cost"]`` is the joint run's cost and ``meta["joint_targets"]`` the
+    number of targets. A single-target state gives ``[result(state)]``.
+    """
+    if not state.targets or state.owner is None:
+        return [result(state)]
+    total = state.cost
+    chain_cost = state.chain_cost
+    assert chain_cost is not None
+    gen = [int(chain_cost[state.owner == i, 0].sum()) for i in range(len(state.targets))]
+    forward = _apportion(total.forward_tokens, gen)
+    out = []
+    for i, t in enumerate(state.targets):
+        m = (state.owner == i).nonzero().flatten()
+        cost = Cost(
+            generated_tokens=gen[i],
+            forward_tokens=forward[i],
+            model_calls=total.model_calls,
+            reward_calls=int(chain_cost[m, 1].sum()),
+        )
+        sub = state._replace(
+            target=t,
+            parts=decompose_target(t),
+            tokens=state.tokens[m],
+            ell=state.ell[m],
+            g=state.g[m],
+            entropy=state.entropy[m],
+            length=state.length[m],
+            log_reference=state.log_reference[m],
+            rest=state.rest[m],
+            reward=None if state.reward is None else state.reward[m],
+            accepted_count=state.accepted_count[m],
+            moved_count=state.moved_count[m],
+            cost=cost,
+        )
+        res = result(sub)
+        res.meta["joint_cost"] = total
+        res.meta["joint_targets"] = len(state.targets)
+        out.append(res)
+    return out
+
+
+def _apportion(total: int, shares: list[int]) -> list[int]:
+    """``total`` split in proportion to ``shares`` (largest remainder; sums to ``total``)."""
+    weight = sum(shares)
+    if weight == 0:
+        base = [total // len(shares)] * len(shares)
+        base[0] += total - sum(base)
+        return base
+    exact = [total * s / weight for s in shares]
+    out = [math.floor(x) for x in exact]
+    order = sorted(range(len(shares)), key=lambda i: (out[i] - exact[i], i))
+    for i in order[: total - sum(out)]:
+        out[i] += 1
+    return out
+
+
+def sample_many(
+    targets: Sequence[TiltedTarget],
+    num_samples: int,
+    *,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    sampler: str = "mh",
+    alpha: float | None = None,
+    **params: Any,
+) -> list[SampleSet]:
+    """Run ``num_samples`` chains for each of ``targets`` in one batch; one result per target.
+
+    ``sampler`` picks the configuration as the registered names do: ``"mh"`` (``params`` as in
+    :func:`make_config`), ``"power"`` and ``"entropy-cut"`` (proposal temperature ``1/alpha``,
+    ``alpha`` read from the targets' common exponent of ``p_ref`` unless given), ``"qalign"``
+    (temperature 1, uniform cut). Targets must share the policy, cap, truncation and tilt
+    structure (:func:`init_many`); each target's chains follow exactly the kernel they would
+    follow alone — only the model calls are shared. Returns :func:`results`.
+    """
+    if generator is None:
+        if seed is None:
+            raise ValueError("sample_many needs seed= or generator=")
+        generator = torch.Generator().manual_seed(validation.non_negative_int("seed", seed))
+    validation.generator("generator", generator)
+    listed = list(targets)
+    if not listed:
+        raise ValueError("targets must hold at least one TiltedTarget")
+    validation.one_of("sampler", sampler, ("mh", "power", "entropy-cut", "qalign"))
+    cfg_params = dict(params)
+    if sampler in ("power", "entropy-cut"):
+        a = resolve_alpha(listed[0], alpha)
+        greedy = math.isinf(a)
+        if "proposal_temperature" not in cfg_params:
+            if greedy:
+                raise ValueError("alpha=inf (max-swap) needs an explicit proposal_temperature")
+            cfg_params["proposal_temperature"] = 1.0 / a
+        cfg_params["greedy"] = greedy
+        if sampler == "entropy-cut":
+            cfg_params["cut"] = "entropy_jump"
+    elif sampler == "qalign":
+        cfg_params["proposal_temperature"] = 1.0
+    elif alpha is not None:
+        raise TypeError("alpha= applies to sampler='power' or 'entropy-cut'")
+    cfg = make_config(**cfg_params)
+    state = init_many(listed, generator=generator, num_samples=num_samples, _config=cfg)
+    step = build_kernel(_config=cfg)
+    while not done(state):
+        state, _ = step(generator, state)
+    return results(state)
 
 
 # ============================================================================ factories
@@ -1360,7 +1805,7 @@ def sampler(
     support: str = "full",
     top_k: int = 50,
     block_size: int | None = None,
-    batching: str = "grouped",
+    batching: str = "auto",
     initial: Sequence[Seq] | None = None,
 ) -> SamplingAlgorithm:
     """Suffix-resampling MH on any autoregressive target (see the module docstring).
@@ -1386,8 +1831,10 @@ def sampler(
     block_size
         ``B`` of the stage schedule (None: plain MH on the full target).
     batching
-        ``"grouped"`` (default; no frozen prefix is ever re-encoded) or ``"aligned"`` (one batch
-        per step; fewer model calls, re-feeds frozen prefixes above the smallest cut).
+        ``"auto"`` (default: ``"ragged"`` when the policy's session has ragged rows, else
+        ``"grouped"``), ``"ragged"`` (all chains cut at their own positions and decoded in one
+        batch; nothing re-encoded), ``"grouped"`` (one batch per (session, cut) group) or
+        ``"aligned"`` (one batch per step, re-feeds frozen prefixes above the smallest cut).
     initial
         Optional starting responses, one per chain (plain mode).
     """
@@ -1418,7 +1865,7 @@ def power_sampler(
     support: str = "full",
     top_k: int = 50,
     block_size: int | None = None,
-    batching: str = "grouped",
+    batching: str = "auto",
     initial: Sequence[Seq] | None = None,
     name: str = "power",
 ) -> SamplingAlgorithm:
@@ -1481,7 +1928,7 @@ def qalign_sampler(
     *,
     num_samples: int,
     num_steps: int | None = None,
-    batching: str = "grouped",
+    batching: str = "auto",
     initial: Sequence[Seq] | None = None,
 ) -> SamplingAlgorithm:
     """QAlign (Faria & Smith): uniform-cut suffix MH with ``p_ref`` at ``tau = 1`` as proposal.

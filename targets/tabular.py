@@ -105,6 +105,12 @@ class TabularPolicy:
         """A stateless session with ideal-KV-cache accounting."""
         return PrefixSession(self, prompt, batch, accounting="cached")
 
+    def session_multi(
+        self, prompts: Sequence[Seq], rows_per_prompt: Sequence[int]
+    ) -> DecodeSession:
+        """Rows of several prompts in one stateless session (the table ignores the prompt)."""
+        return PrefixSession.multi(self, prompts, rows_per_prompt, accounting="cached")
+
     def __repr__(self) -> str:
         return f"TabularPolicy(V={self._vocab}, eos={self._eos}, max_len={self.max_len})"
 

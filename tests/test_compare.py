@@ -157,3 +157,72 @@ def test_common_random_numbers_at_budget_one(tmp_path: Path) -> None:
     for r in out.records:
         by.setdefault(r["problem"], set()).add(r["response"])
     assert all(len(v) == 1 for v in by.values())
+
+
+def test_demo_profile_end_to_end_and_interrupted_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ``make demo`` profile (every registered recipe) on two problems, interrupted after a
+    few cells: the rerun does only the missing cells and no record is duplicated."""
+    import tiltsample.compare as compare
+
+    kw: dict[str, Any] = {
+        "profile": "demo",
+        "out_dir": tmp_path,
+        "num_problems": 2,
+        "budgets": [1, 4],
+        "progress": False,
+    }
+    real = compare.run_cell
+    calls = {"n": 0}
+
+    def counting(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C during the sixth cell
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(compare, "run_cell", counting)
+    with pytest.raises(KeyboardInterrupt):
+        run_compare(**kw)
+    calls["n"] = -(10**6)  # no more interruptions
+    result = run_compare(**kw)
+    recipes, _ = available_recipes()
+    cells = plan(recipes, [1, 4], num_problems=2, repeats=1)
+    assert calls["n"] + 10**6 == len(cells) - 5  # only the missing cells ran again
+    keys = [(r["sampler"], r["budget"], r["problem"], r["repeat"]) for r in result.records]
+    assert len(keys) == len(set(keys)) == len(cells)
+    chunks = [
+        json.loads(line)["chunk"]
+        for line in (tmp_path / "compare.jsonl").read_text().splitlines()
+        if '"chunk":' in line
+    ]
+    assert sorted(chunks) == list(range(len(cells)))
+    assert {r["sampler"] for r in result.rows} == {r.label for r in recipes}
+    for name in ("compare.md", "compare.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def test_masked_diffusion_recipes(tmp_path: Path) -> None:
+    """The optional arith-dlm recipes run by label only, and are matched by generated tokens."""
+    from tiltsample.compare import DLM_RECIPES
+
+    default, _ = available_recipes()
+    assert not {r.label for r in default} & {r.label for r in DLM_RECIPES}
+    labels = [r.label for r in DLM_RECIPES]
+    out = run_compare(
+        profile="test",
+        out_dir=tmp_path,
+        samplers=labels,
+        budgets=[1, 4],
+        num_problems=1,
+        progress=False,
+    )
+    rows = {(r["sampler"], r["budget"]): r for r in out.rows}
+    assert set(rows) == {("dlm-base", 1), ("dlm-best-of-n", 4), ("dlm-ets", 4)}
+    base = rows[("dlm-base", 1)]["gen_tokens"]
+    assert base == 48  # every position of the masked-diffusion response is committed once
+    for key in (("dlm-best-of-n", 4), ("dlm-ets", 4)):
+        assert 3 * base <= rows[key]["gen_tokens"] <= 6 * base
+    header = json.loads((tmp_path / "compare.jsonl").read_text().splitlines()[0])["header"]
+    assert header["diffusion_model"] == "arith-dlm"

@@ -154,7 +154,7 @@ def test_conformance_on_random_targets(name: str, target: TiltedTarget) -> None:
 
 def test_batching_modes_are_reproducible_and_differ_only_in_cost() -> None:
     target = power_toy()
-    for batching in ("grouped", "aligned"):
+    for batching in ("grouped", "aligned", "ragged", "auto"):
         alg = mh.power_sampler(target, num_samples=6, num_steps=5, batching=batching)
         check_sampler(alg, target, num_samples=6)
     grouped = tiltsample.sample(
@@ -195,7 +195,7 @@ def log_z(policy: TabularPolicy, prefix: Seq, alpha: float, support: str, k: int
 
 
 @pytest.mark.parametrize("support", ["full", "top_k"])
-@pytest.mark.parametrize("batching", ["grouped", "aligned"])
+@pytest.mark.parametrize("batching", ["grouped", "aligned", "ragged"])
 def test_log_normaliser_identity_on_every_move(support: str, batching: str) -> None:
     """Target + proposal terms = sum of log Z_t over the new suffix minus the old (§2.2)."""
     alpha, k = 3.0, 2
@@ -302,10 +302,14 @@ def test_generated_tokens_are_the_regenerated_suffixes() -> None:
 
 def test_uniform_cut_regenerates_half_the_length_on_average() -> None:
     """EOS-free states of length L: a uniform cut regenerates (L + 1)/2 tokens on average (§2.5),
-    and grouped batching pushes exactly those tokens through the model (no prefix re-encoded)."""
+    and grouped batching pushes exactly those tokens through the model (no prefix re-encoded);
+    ragged batching decodes all chains in one batch (model calls = the longest suffix) without
+    re-encoding a frozen prefix either."""
     length, chains, steps = 8, 64, 20
     target = eos_free_power_toy(length)
-    grouped = run_steps(mh.power_sampler(target, num_samples=chains, num_steps=steps), 0, steps)
+    grouped = run_steps(
+        mh.power_sampler(target, num_samples=chains, num_steps=steps, batching="grouped"), 0, steps
+    )
     regenerated = torch.cat([info.regenerated for _, _, info in grouped]).double()
     n = regenerated.numel()
     sd = math.sqrt((length**2 - 1) / 12)
@@ -321,6 +325,18 @@ def test_uniform_cut_regenerates_half_the_length_on_average() -> None:
     calls_a = sum(info.cost.model_calls for _, _, info in aligned)
     assert fwd_a > 1.5 * fwd_g  # the aligned batch re-feeds frozen prefixes ...
     assert calls_a * 4 < calls_g  # ... in far fewer model calls
+    ragged = run_steps(mh.power_sampler(target, num_samples=chains, num_steps=steps), 0, steps)
+    assert ragged[0][1].batching == "ragged"  # the default on a session with ragged rows
+    for _, _, info in ragged:
+        longest = int(info.regenerated.max())
+        # one call per position of the longest suffix; each call pushes one token per row of
+        # the decoding batch (the re-fed last kept token first, then the new ones), and
+        # finished rows leave the batch once half of it has finished
+        assert info.cost.model_calls == longest
+        assert info.cost.generated_tokens <= info.cost.forward_tokens < chains * longest
+    calls_r = sum(info.cost.model_calls for _, _, info in ragged)
+    fwd_r = sum(info.cost.forward_tokens for _, _, info in ragged)
+    assert calls_r * 4 < calls_g and fwd_r < fwd_a
 
 
 def test_stage_schedule_cost_matches_the_formula() -> None:
@@ -367,11 +383,12 @@ def test_stage_schedule_structure_and_early_return() -> None:
     assert finished  # some chains returned early at an EOS
 
 
-def test_stage_schedule_matches_its_exact_law() -> None:
+@pytest.mark.parametrize("batching", ["aligned", "ragged"])
+def test_stage_schedule_matches_its_exact_law(batching: str) -> None:
     target = power_toy(seed=4, vocab=3, length=4, alpha=3.0)
     law = stage_schedule_law(target, block_size=2, num_steps=2, proposal_temperature=1 / 3)
     n = 3000
-    alg = mh.power_sampler(target, num_samples=n, num_steps=2, block_size=2, batching="aligned")
+    alg = mh.power_sampler(target, num_samples=n, num_steps=2, block_size=2, batching=batching)
     out = tiltsample.sample(alg, target, n, seed=7)
     assert_draws_follow(out.sequences, law)
 
@@ -412,10 +429,22 @@ def _configs() -> list[tuple[str, TiltedTarget, dict[str, Any], dict[str, Any]]]
             {"greedy": True, "proposal_temperature": 0.5},
         ),
         ("qalign", tilted, {"qalign": True, "batching": "aligned"}, {}),
+        (
+            "power-grouped",
+            power,
+            {"batching": "grouped"},
+            {"proposal_temperature": third},
+        ),
+        (
+            "entropy-condition-ragged",
+            cond,
+            {"cut": "entropy_jump", "cut_power": 2.0, "batching": "ragged"},
+            {"cut": "entropy_jump", "cut_power": 2.0, "proposal_temperature": third},
+        ),
     ]
 
 
-@pytest.mark.parametrize("case", range(6), ids=[c[0] for c in _configs()])
+@pytest.mark.parametrize("case", range(8), ids=[c[0] for c in _configs()])
 def test_k_step_law_matches_the_exact_kernel(case: int) -> None:
     """The chains' law after 2 steps from a q_tau draw is mu_0 P^2 of the exact kernel."""
     name, target, params, kernel_params = _configs()[case]
@@ -522,7 +551,7 @@ def test_run_chains_reports_acceptance_ess_and_rhat() -> None:
         ({"num_steps": 0}, ValueError, "num_steps"),
         ({"proposal_temperature": 0.0}, ValueError, "proposal_temperature"),
         ({"cut_power": -1.0}, ValueError, "cut_power"),
-        ({"batching": "ragged"}, ValueError, "batching"),
+        ({"batching": "zigzag"}, ValueError, "batching"),
         ({"num_steps": 2.5}, TypeError, "num_steps"),
     ],
 )
@@ -612,7 +641,7 @@ def test_power_sampling_on_the_embedded_language_model() -> None:
     problem = tasks.held_out_problems(1)[0]
     prompt = tasks.problem_target(problem, policy).prompt
     target = tiltsample.power_target(policy, 4.0, prompt=prompt, max_new_tokens=40)
-    for batching in ("grouped", "aligned"):
+    for batching in ("grouped", "aligned", "ragged"):
         alg = mh.entropy_cut_sampler(target, num_samples=4, num_steps=3, batching=batching)
         history = run_steps(alg, 0, 3)
         state = history[-1][1]

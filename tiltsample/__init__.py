@@ -12,7 +12,17 @@ from __future__ import annotations
 
 from tiltsample.diffusion import MaskedDiffusionPolicy
 from tiltsample.driver import run_chains, sample
-from tiltsample.policy import DecodeSession, PrefixSession, ReferencePolicy, open_session
+from tiltsample.policy import (
+    DecodeSession,
+    PrefixSession,
+    RaggedDecodeSession,
+    ReferencePolicy,
+    append_rows,
+    extend_and_score,
+    open_session,
+    open_session_multi,
+    truncate_rows,
+)
 from tiltsample.results import ChainTrace, SampleSet, Selection
 from tiltsample.reward import PrefixPotential, Reward
 from tiltsample.sampler import ChainRecord, SamplingAlgorithm
@@ -36,6 +46,7 @@ __all__ = [
     "MaskedDiffusionPolicy",
     "PrefixPotential",
     "PrefixSession",
+    "RaggedDecodeSession",
     "ReferencePolicy",
     "Reward",
     "SampleSet",
@@ -45,9 +56,13 @@ __all__ = [
     "TiltTerm",
     "TiltedTarget",
     "__version__",
+    "append_rows",
+    "extend_and_score",
     "open_session",
+    "open_session_multi",
     "power_target",
     "reference_target",
     "run_chains",
     "sample",
+    "truncate_rows",
 ]

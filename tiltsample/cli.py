@@ -306,7 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_cmp.add_argument("--profile", choices=["test", "demo", "full"], default="demo")
     p_cmp.add_argument("--out", default="results/compare", help="output folder")
     p_cmp.add_argument("--model", help="causal-LM folder (default: the shipped arith-ar)")
-    p_cmp.add_argument("--samplers", help="comma-separated recipe labels (default: all)")
+    p_cmp.add_argument(
+        "--samplers",
+        help="comma-separated recipe labels (default: all of the autoregressive model; the "
+        "masked-diffusion recipes dlm-base, dlm-best-of-n, dlm-ets run only when named)",
+    )
     p_cmp.add_argument("--problems", type=int, help="number of held-out problems")
     p_cmp.add_argument("--budgets", help="comma-separated budgets in responses, e.g. 1,4,16")
     p_cmp.add_argument("--repeats", type=int, help="runs per problem")

@@ -25,6 +25,9 @@ Samplers (recipes; the ones registered when the run starts are used, others are 
 ``qalign``             MH on the verifier target, ``2(k - 1)`` steps
 =====================  =====================================================================
 
+Optional (by label only): ``dlm-base``, ``dlm-best-of-n`` and ``dlm-ets`` run on the shipped
+masked-diffusion model ``arith-dlm`` (:data:`DLM_RECIPES`).
+
 Runs are written to a JSONL run file (:class:`~tiltsample.records.RunFile`) one cell at a time; an
 interrupted run resumes where it stopped with the same command, without losing or duplicating
 cells. Seeds are *common random numbers*: every sampler gets the same seed
@@ -133,6 +136,48 @@ RECIPES: tuple[Recipe, ...] = (
 )
 
 
+DLM_STEPS = 48
+"""Denoising steps of the shipped ``arith-dlm`` sampler (one committed token per step)."""
+
+
+def _dlm_ets(k: int) -> tuple[int, dict[str, Any]] | None:
+    # K = 1, I = 4 blocks of 12 steps: a candidate costs its 48 tokens plus rollouts of 36, 24, 12
+    # (2.5 responses), so M = round(2k / 5) candidates match k responses of tokens
+    if k < 4:
+        return None
+    return 1, {"num_candidates": max(2, round(2 * k / 5)), "num_rollouts": 1}
+
+
+DLM_RECIPES: tuple[Recipe, ...] = (
+    Recipe(
+        "dlm-base",
+        "ets",
+        lambda k: (1, {"num_candidates": 1, "block_size": DLM_STEPS}) if k == 1 else None,
+        target="dlm-verifier",
+        summary="arith-dlm base sampler (ETS with M = 1, I = 1 is the base sampler itself)",
+    ),
+    Recipe(
+        "dlm-best-of-n",
+        "ets",
+        lambda k: (1, {"num_candidates": k, "block_size": DLM_STEPS}) if k >= 2 else None,
+        target="dlm-verifier",
+        summary="arith-dlm, soft best-of-N (ETS with I = 1: SIR over k complete responses)",
+    ),
+    Recipe(
+        "dlm-ets",
+        "ets",
+        _dlm_ets,
+        target="dlm-verifier",
+        summary="arith-dlm, ETS for masked diffusion: M=round(2k/5), K=1, I=4",
+    ),
+)
+"""Optional recipes on the shipped masked-diffusion model ``arith-dlm`` (run them by label, e.g.
+``--samplers dlm-base,dlm-best-of-n,dlm-ets``; they are not in the default set). Budgets count
+generated tokens the same way: a response is the 48 committed positions."""
+
+ALL_RECIPES: tuple[Recipe, ...] = RECIPES + DLM_RECIPES
+
+
 @dataclass(frozen=True)
 class Profile:
     """Sizes of a comparison run."""
@@ -144,7 +189,7 @@ class Profile:
 
 PROFILES: dict[str, Profile] = {
     "test": Profile(num_problems=2, budgets=(1, 2)),
-    "demo": Profile(num_problems=32, budgets=(1, 4, 16)),
+    "demo": Profile(num_problems=20, budgets=(1, 4, 8)),
     "full": Profile(num_problems=200, budgets=(1, 2, 4, 8, 16)),
 }
 
@@ -152,16 +197,20 @@ PROFILES: dict[str, Profile] = {
 def available_recipes(
     only: Sequence[str] | None = None,
 ) -> tuple[list[Recipe], dict[str, str]]:
-    """The recipes whose sampler is registered now, and the reasons others are left out."""
+    """The recipes whose sampler is registered now, and the reasons others are left out.
+
+    Without ``only``: the default set :data:`RECIPES`; ``only`` may also name the optional
+    masked-diffusion recipes :data:`DLM_RECIPES`.
+    """
     from tiltsample import registry
 
     names = {e.name for e in registry.samplers()}
-    labels = [r.label for r in RECIPES]
+    labels = [r.label for r in ALL_RECIPES]
     if only is not None:
         for label in only:
             validation.one_of("sampler", label, labels)
     chosen, skipped = [], {}
-    for r in RECIPES:
+    for r in RECIPES if only is None else ALL_RECIPES:
         if only is not None and r.label not in only:
             continue
         if r.name in names:
@@ -199,10 +248,16 @@ def plan(
     return cells
 
 
-def _target_for(recipe: Recipe, problem: Any, policy: Any, lam: float) -> Any:
+def _target_for(
+    recipe: Recipe, problem: Any, policy: Any, lam: float, diffusion_policy: Any = None
+) -> Any:
     from tiltsample.target import TiltedTarget, power_target
     from tiltsample.targets import tasks
 
+    if recipe.target == "dlm-verifier":
+        if diffusion_policy is None:
+            raise ValueError(f"recipe {recipe.label!r} needs the masked-diffusion policy")
+        return tasks.problem_target(problem, diffusion_policy, lam=lam)
     base = tasks.problem_target(problem, policy, lam=lam)
     if recipe.target == "verifier":
         return base
@@ -215,13 +270,15 @@ def _target_for(recipe: Recipe, problem: Any, policy: Any, lam: float) -> Any:
     raise ValueError(f"unknown recipe target {recipe.target!r}")
 
 
-def run_cell(cell: Cell, problem: Any, policy: Any, lam: float, seed: int) -> dict[str, Any]:
+def run_cell(
+    cell: Cell, problem: Any, policy: Any, lam: float, seed: int, diffusion_policy: Any = None
+) -> dict[str, Any]:
     """Run one cell; returns its JSON record (the verdict, the response and the cost)."""
     from tiltsample.driver import sample
     from tiltsample.registry import sampler_entry
     from tiltsample.targets import tasks
 
-    target = _target_for(cell.recipe, problem, policy, lam)
+    target = _target_for(cell.recipe, problem, policy, lam, diffusion_policy)
     factory = sampler_entry(cell.recipe.name).load()
     gen = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
@@ -262,7 +319,7 @@ def summarise(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for r in records:
         groups.setdefault((r["sampler"], int(r["budget"])), []).append(r)
-    order = {rec.label: i for i, rec in enumerate(RECIPES)}
+    order = {rec.label: i for i, rec in enumerate(ALL_RECIPES)}
     rows = []
     for (label, budget), recs in sorted(
         groups.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0][1])
@@ -433,6 +490,9 @@ def run_compare(
         raise ValueError("no sampler to compare (none of the requested recipes is registered)")
     model_dir = str(tasks.model_path(tasks.DEFAULT_AR) if model is None else Path(model))
     policy = tasks._load_ar(model_dir)
+    diffusion = (
+        tasks.load_diffusion_policy() if any(r.target == "dlm-verifier" for r in recipes) else None
+    )
     problems = tasks.held_out_problems(n_prob, seed=seed)
     cells = plan(recipes, budget_list, n_prob, reps)
     out = Path(out_dir)
@@ -447,6 +507,8 @@ def run_compare(
         "seed": seed,
         "cells": [[c.recipe.label, c.budget, c.num_samples, c.params] for c in cells[::n_prob]],
     }
+    if diffusion is not None:
+        header["diffusion_model"] = tasks.DEFAULT_DLM
     run = RunFile(out / "compare.jsonl", header)
     if progress is None:
         progress = sys.stderr.isatty()
@@ -462,7 +524,7 @@ def run_compare(
             # common random numbers: every sampler sees the same seed on a given (problem, repeat),
             # so comparisons are paired (and k = 1 variants of one law give the same draw)
             cell_seed = chunk_seed(seed, cell.problem * 10_000 + cell.repeat)
-            rec = run_cell(cell, problems[cell.problem], policy, lam, cell_seed)
+            rec = run_cell(cell, problems[cell.problem], policy, lam, cell_seed, diffusion)
             run.write_chunk(i, [rec], {})
     finally:
         torch.set_num_threads(previous)

@@ -1,7 +1,11 @@
-"""``tiltsample demo``: exact ground truth vs the samplers on the embedded default toy.
+"""``tiltsample demo``: exact ground truth vs the samplers on the default toy target.
 
-The embedded default is, for now, the ``tabular`` toy target (random tabular policy, ``V = 4``,
-length cap 6, binary reward, ``lam = 0.25``; 1,093 responses). The demo enumerates it exactly, runs
+This is the exactly-enumerable part of ``make demo``; the part on the embedded default *model*
+(``arith-ar``) is ``tiltsample compare --profile demo`` (:mod:`tiltsample.compare`), which
+``make demo`` runs next.
+
+The toy is the ``tabular`` target (random tabular policy, ``V = 4``, length cap 6, binary reward,
+``lam = 0.25``; 1,093 responses), whose law is known exactly. The demo enumerates it, runs
 every baseline sampler, prints TV to the target beside the i.i.d. noise floor and the cost per draw,
 shows the power-vs-low-temperature example, and writes ``results/demo.json`` and the figure
 ``results/demo_sir_tv.png`` (TV of soft best-of-N vs the number of candidates ``M``: exact output

@@ -4,7 +4,9 @@
     The :class:`~tiltsample.policy.ReferencePolicy` contract: normalised next-token laws,
     batched = unbatched, ``sequence_logprob`` = the sum of next-token log-probs, and the
     :class:`~tiltsample.policy.DecodeSession` contract (``extend``/``truncate``/``select``/``fork``
-    agree with a recompute).
+    agree with a recompute), and the optional capabilities through their helpers: ragged rows
+    (``truncate_rows``), ``extend_and_score`` and several prompts in one session
+    (``open_session_multi``).
 :func:`check_sampler`
     The sampler contract: valid responses under the target's length convention, no NaN, a
     :class:`~tiltsample.types.Cost`, the same seed ⇒ bit-identical output, global RNG untouched.
@@ -22,7 +24,14 @@ import torch
 
 from tiltsample.decoding import decode_until_complete, rows_to_seqs
 from tiltsample.driver import run_chains, sample
-from tiltsample.policy import ReferencePolicy, open_session
+from tiltsample.policy import (
+    ReferencePolicy,
+    extend_and_score,
+    open_session,
+    open_session_multi,
+    row_lengths,
+    truncate_rows,
+)
 from tiltsample.results import SampleSet
 from tiltsample.sampler import SamplingAlgorithm
 from tiltsample.target import TiltedTarget
@@ -104,15 +113,87 @@ def check_policy(
     assert torch.equal(s.tokens(), before), "extending a fork changed the original session"
     _check_session_rows(policy, prompt, s, atol, "after a fork was extended")
     assert isinstance(s.cost, Cost), "session.cost must be a Cost"
+    _check_capabilities(policy, prompt, decoded.tokens, gen, atol)
+
+
+def _check_capabilities(
+    policy: ReferencePolicy, prompt: Seq, tokens: torch.Tensor, gen: torch.Generator, atol: float
+) -> None:
+    """Ragged truncation, ``extend_and_score`` and multi-prompt sessions against recomputes."""
+    eos, batch = policy.eos_id, tokens.shape[0]
+    width = tokens.shape[1]
+    if width < 2:
+        return
+    # ragged rows: cut every row by its own amount, then extend each at its own position (with
+    # the row's own next decoded token, so that every prefix has positive probability)
+    padded = torch.cat([tokens, torch.full((batch, 4), eos, dtype=torch.long)], dim=1)
+    s = open_session(policy, prompt, batch)
+    s.extend(tokens)
+    cut = torch.randint(1, width + 1, (batch,), generator=gen)
+    s = truncate_rows(s, cut)
+    lengths = torch.full((batch,), width) - cut
+    assert torch.equal(row_lengths(s), lengths), "truncate_rows left wrong row lengths"
+    _check_session_rows(policy, prompt, s, atol, "after truncate_rows")
+    s.extend(padded.gather(1, lengths[:, None]).squeeze(1))
+    _check_session_rows(policy, prompt, s, atol, "after a ragged extend", cap=width)
+    twin = s.fork()
+    twin.select(torch.arange(batch).flip(0))
+    _check_session_rows(policy, prompt, twin, atol, "after select of a ragged fork", cap=width)
+    # extend_and_score == the log-probs of a recompute, token by token (ragged rows; the block
+    # stays within the decoded width, so no prefix goes past the policy's cap)
+    k = min(3, width)
+    s = open_session(policy, prompt, batch)
+    s.extend(tokens)
+    s = truncate_rows(s, torch.randint(k, width + 1, (batch,), generator=gen))
+    lengths = row_lengths(s)
+    block = padded.gather(1, lengths[:, None] + torch.arange(k)[None, :])
+    before = [
+        tuple(r[: int(n)]) for r, n in zip(s.tokens().tolist(), lengths.tolist(), strict=True)
+    ]
+    got = extend_and_score(s, block)
+    assert tuple(got.shape) == (batch, k), "extend_and_score must return [B, k]"
+    for i, row in enumerate(before):
+        full = list(row)
+        for j in range(k):
+            if eos in full:
+                assert float(got[i, j]) == 0.0, "extend_and_score: padding after EOS must score 0"
+                full.append(eos)
+                continue
+            want = policy.next_logprobs(prompt, [tuple(full)])[0, int(block[i, j])]
+            assert _close(got[i, j : j + 1], want[None], atol), "extend_and_score != recompute"
+            full.append(int(block[i, j]))
+    assert torch.equal(row_lengths(s), lengths + k), "extend_and_score: wrong row lengths"
+    _check_session_rows(policy, prompt, s, atol, "after extend_and_score", cap=width)
+    # several prompts in one session
+    other = (*tuple(prompt), (eos + 1) % policy.vocab_size)
+    m = open_session_multi(policy, [prompt, other], [2, 1])
+    m.extend(tokens[:3, : width - 1] if batch >= 3 else tokens[:, : width - 1].repeat(3, 1)[:3])
+    got_m = m.logprobs()
+    for i, (p, row) in enumerate(zip([prompt, prompt, other], m.tokens().tolist(), strict=True)):
+        if eos in row:
+            continue
+        want = policy.next_logprobs(p, [tuple(row)])[0]
+        assert _close(got_m[i], want, atol), "multi-prompt session differs from a recompute"
 
 
 def _check_session_rows(
-    policy: ReferencePolicy, prompt: Seq, session: Any, atol: float, when: str
+    policy: ReferencePolicy,
+    prompt: Seq,
+    session: Any,
+    atol: float,
+    when: str,
+    cap: int | None = None,
 ) -> None:
+    """Compare every live row's law with a recompute (rows at ``cap`` tokens are skipped: the
+    policy need not define a law past its cap)."""
     eos = policy.eos_id
+    lengths = row_lengths(session).tolist()
+    if cap is not None and any(n >= cap for n in lengths):
+        return
     got = session.logprobs()
     rows = session.tokens().tolist()
     for i, row in enumerate(rows):
+        row = row[: lengths[i]]
         if eos in row:
             continue
         want = policy.next_logprobs(prompt, [tuple(row)])[0]
