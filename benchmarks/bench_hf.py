@@ -13,7 +13,8 @@ machines vary 2–5× between runs, so only ratios within one run are meaningful
 * every registered sampler's generated tokens/s, its ratio to plain decoding at the same batch
   width (goal: ≥ 0.85), and its ``forward_tokens / generated_tokens`` (minimal ≈ 1 plus prompt
   prefill; larger means re-encoding or re-fed tokens); the MH rows run one chain per row (ragged
-  batching), plus the old grouped batching and a joint run of 4 prompts for reference;
+  batching), their continuous-batching rows (``batching="continuous"``, also at 16 steps next to
+  ragged), plus the old grouped batching and a joint run of 4 prompts for reference;
 * ETS wall time against the time plain decoding needs for the same number of tokens.
 
 Writes ``bench.md`` and ``bench.json`` to ``--out``.
@@ -58,10 +59,16 @@ def peak_width(name: str, num_samples: int, params: dict[str, Any]) -> int:
     if name == "best-of-n":
         return num_samples * int(params["num_candidates"])
     if name == "ets":
-        return num_samples * int(params["num_candidates"]) * int(params["num_rollouts"])
+        chains = int(params.get("batch_size") or num_samples)
+        return chains * int(params["num_candidates"]) * int(params["num_rollouts"])
     if name in ("smc", "power-smc"):
         return int(params["num_particles"])
+    if params.get("max_rows"):  # MH, continuous batching with queued chains
+        return min(int(params["max_rows"]), num_samples)
     return num_samples
+
+
+_CONT: dict[str, Any] = {"batching": "continuous"}
 
 
 def sampler_runs(batch: int) -> list[tuple[str, str, str, int, dict[str, Any]]]:
@@ -89,6 +96,23 @@ def sampler_runs(batch: int) -> list[tuple[str, str, str, int, dict[str, Any]]]:
             max(batch // 8, 1),
             {"num_candidates": 8, "num_rollouts": 1},
         ),
+        # 4x the chains in the same 64-row budget: lock step runs 4 batches one after the other,
+        # continuous batching admits a chain whenever rows are free
+        *[
+            (
+                f"ets (M=4, K=2, I=4), {4 * max(batch // 8, 1)} chains, {mode}",
+                "ets",
+                "verifier",
+                4 * max(batch // 8, 1),
+                {
+                    "num_candidates": 4,
+                    "num_rollouts": 2,
+                    "batch_size": max(batch // 8, 1),
+                    "batching": mode,
+                },
+            )
+            for mode in ("lockstep", "continuous")
+        ],
         ("smc (prefix twist)", "smc", "verifier", batch, {"num_particles": batch}),
         # MH: one chain per row at the same batch width (ragged batching, the default), the old
         # grouped batching at a quarter of the width for reference, and chains of 4 prompts in
@@ -96,6 +120,23 @@ def sampler_runs(batch: int) -> list[tuple[str, str, str, int, dict[str, Any]]]:
         ("power (MH, alpha=4)", "power", "power", batch, {"num_steps": 4}),
         ("entropy-cut (MH)", "entropy-cut", "power", batch, {"num_steps": 4}),
         ("mh (uniform cut)", "mh", "power", batch, {"num_steps": 4}),
+        # continuous batching: a chain whose proposal ended starts its next step at once, so
+        # the batch stays full until chains run out of steps (the drain at the end is amortised
+        # over more steps: 16-step rows for both modes)
+        ("power (MH, continuous)", "power", "power", batch, {"num_steps": 4, **_CONT}),
+        ("entropy-cut (MH, continuous)", "entropy-cut", "power", batch, {"num_steps": 4, **_CONT}),
+        ("mh (uniform cut, continuous)", "mh", "power", batch, {"num_steps": 4, **_CONT}),
+        ("power (MH, ragged, 16 steps)", "power", "power", batch, {"num_steps": 16}),
+        ("power (MH, continuous, 16 steps)", "power", "power", batch, {"num_steps": 16, **_CONT}),
+        # 4x the chains through the same rows: a waiting chain takes the row of a finished one,
+        # so the batch only drains once, at the very end
+        (
+            f"power (MH, continuous, {4 * batch} chains in {batch} rows)",
+            "power",
+            "power",
+            4 * batch,
+            {"num_steps": 4, "max_rows": batch, **_CONT},
+        ),
         (
             "power (MH, grouped batching)",
             "power",

@@ -24,6 +24,10 @@ Algorithm (one chain; ``num_samples`` chains run batched, independently)
     4. continue from ``c_m``; stop when it is complete.
 
     Rollouts only score candidates and are thrown away.
+Batching
+    ``batching="lockstep"`` (default): the chains of a batch go through each phase together.
+    ``batching="continuous"``: every row at its own phase in one ragged session, one generator
+    stream per chain, the same law per chain (:mod:`~tiltsample.samplers.ets_continuous`).
 Masked diffusion
     On a :class:`~tiltsample.diffusion.MaskedDiffusionPolicy` a guidance step runs
     ``B = block_size`` denoising steps of the base sampler for each of the ``M`` candidates
@@ -105,6 +109,7 @@ from tiltsample.types import Cost, Seq
 
 __all__ = [
     "ANSWERS",
+    "BATCHINGS",
     "OUTPUTS",
     "REWARD_MODES",
     "AnswerCache",
@@ -123,6 +128,9 @@ __all__ = [
 ]
 
 REWARD_MODES: tuple[str, ...] = ("fixed", "self-consistency")
+BATCHINGS: tuple[str, ...] = ("lockstep", "continuous")
+"""``batching=``: chains in lock step (default) or continuous batching
+(:mod:`~tiltsample.samplers.ets_continuous`)."""
 OUTPUTS: tuple[str, ...] = ("chain", "vote")
 
 
@@ -216,6 +224,7 @@ class ETSConfig(NamedTuple):
     output: str
     reward_range: tuple[float, float] | None
     record_selections: bool
+    batching: str = "lockstep"
 
 
 class _Batch(NamedTuple):
@@ -250,6 +259,9 @@ class ETSState(NamedTuple):
     batch_size: int
     batch: _Batch | None
     parts: tuple[SampleSet, ...]
+    engine: Any = None
+    """``batching="continuous"``: the :class:`~tiltsample.samplers.ets_continuous.ContinuousETS`
+    engine in flight (None otherwise)."""
 
 
 class ETSInfo(NamedTuple):
@@ -826,6 +838,7 @@ def build_kernel(
     output: str = "chain",
     reward_range: tuple[float, float] | None = None,
     record_selections: bool = True,
+    batching: str = "lockstep",
 ) -> Callable[[torch.Generator, ETSState], tuple[ETSState, ETSInfo]]:
     """One guidance step of every running chain (see :func:`sampler` for the parameters)."""
     return _kernel(
@@ -844,6 +857,7 @@ def build_kernel(
             output=output,
             reward_range=reward_range,
             record_selections=record_selections,
+            batching=batching,
         )
     )
 
@@ -856,6 +870,8 @@ def _kernel(cfg: ETSConfig) -> Callable[[torch.Generator, ETSState], tuple[ETSSt
         scorer = scorers.get(id(target))
         if scorer is None or scorer.target is not target:
             scorer = scorers[id(target)] = _Scorer(cfg, target)
+        if cfg.batching == "continuous":
+            return _continuous_step(cfg, scorer, generator, state)
         remaining = state.remaining
         batch = state.batch
         if batch is None:
@@ -876,6 +892,44 @@ def _kernel(cfg: ETSConfig) -> Callable[[torch.Generator, ETSState], tuple[ETSSt
         return state._replace(remaining=remaining, batch=next_batch, parts=parts), info
 
     return step
+
+
+def _continuous_step(
+    cfg: ETSConfig, scorer: _Scorer, generator: torch.Generator, state: ETSState
+) -> tuple[ETSState, ETSInfo]:
+    """Ticks of the continuous engine until some chain selects (one ``ETSInfo`` row each)."""
+    from tiltsample.samplers.ets_continuous import ContinuousETS
+
+    target = state.target
+    engine = state.engine
+    if engine is None:
+        if state.remaining <= 0:
+            raise ValueError("ETS step called on a finished state")
+        rows = state.batch_size * cfg.num_candidates * cfg.num_rollouts
+        engine = ContinuousETS(cfg, scorer, target, state.remaining, rows, generator)
+    before = engine.cost()
+    events = engine.advance()
+    m = cfg.num_candidates
+    probs = torch.stack([e[1] for e in events]) if events else torch.zeros((0, m))
+    log_w = torch.stack([e[2] for e in events]) if events else torch.zeros((0, m))
+    chosen = torch.tensor([e[3] for e in events], dtype=torch.long)
+    complete = (
+        torch.stack([e[4] for e in events]) if events else torch.zeros((0, m), dtype=torch.bool)
+    )
+    info = ETSInfo(
+        _delta(engine.cost(), before),
+        max((engine.chains[e[0]].step for e in events), default=0),
+        probs,
+        log_w,
+        chosen,
+        complete,
+        0,
+    )
+    parts = state.parts
+    if engine.done:
+        parts = (*parts, engine.finish(lambda b: _finish(cfg, scorer, target, b), _Batch))
+        engine = None
+    return state._replace(remaining=0, parts=parts, engine=engine), info
 
 
 def make_config(**params: Any) -> ETSConfig:
@@ -925,6 +979,12 @@ def make_config(**params: Any) -> ETSConfig:
     record = params["record_selections"]
     if not isinstance(record, bool):
         raise TypeError(f"record_selections must be a bool, got {record!r}")
+    batching = validation.one_of("batching", params.get("batching", "lockstep"), BATCHINGS)
+    if batching == "continuous" and (potential is not None or params["proposal"] is not None):
+        raise ValueError(
+            "batching='continuous' supports rollouts from p_ref only: it cannot be combined "
+            "with proposal= (ETS-IS) or potential= (use batching='lockstep')"
+        )
     return ETSConfig(
         num_candidates=m,
         num_rollouts=k,
@@ -940,6 +1000,7 @@ def make_config(**params: Any) -> ETSConfig:
         output=output,
         reward_range=check_reward_range(params["reward_range"]),
         record_selections=record,
+        batching=batching,
     )
 
 
@@ -949,6 +1010,11 @@ def _check_target(target: TiltedTarget, cfg: ETSConfig) -> None:
     _block(target, cfg.block_size)
     check_proposal(target, cfg.proposal)
     _resolve_answer(cfg, target)
+    if is_masked_diffusion(target.policy) and cfg.batching == "continuous":
+        raise ValueError(
+            "batching='continuous' is for autoregressive policies (a masked-diffusion ETS step "
+            "is already one batch of denoiser passes)"
+        )
     if is_masked_diffusion(target.policy):
         if target.truncation != "stop":
             raise ValueError(
@@ -974,7 +1040,7 @@ def _check_target(target: TiltedTarget, cfg: ETSConfig) -> None:
 
 def done(state: ETSState) -> bool:
     """True when every chain has finished."""
-    return state.remaining <= 0 and state.batch is None
+    return state.remaining <= 0 and state.batch is None and state.engine is None
 
 
 def result(state: ETSState) -> SampleSet:
@@ -1021,6 +1087,7 @@ def sampler(
     reward_range: tuple[float, float] | None = None,
     record_selections: bool = True,
     batch_size: int | None = None,
+    batching: str = "lockstep",
 ) -> SamplingAlgorithm:
     """ETS (see the module docstring): ``num_samples`` independent chains of Algorithm 1.
 
@@ -1074,7 +1141,14 @@ def sampler(
     record_selections
         Keep every step's candidates and selection probabilities in ``meta["selections"]``.
     batch_size
-        Chains run concurrently (default: all).
+        Chains run concurrently (default: all). With ``batching="continuous"`` it sets the row
+        budget instead: at most ``batch_size · M · K`` rows per model call (the peak width of
+        lock step), filled by as many chains as fit.
+    batching
+        ``"lockstep"`` (default): the chains of a batch run through the same phase together.
+        ``"continuous"``: continuous batching, every row at its own phase, one generator stream
+        per chain (same law per chain, different draws; autoregressive rollouts from ``p_ref``
+        only) — :mod:`~tiltsample.samplers.ets_continuous`.
     """
     validation.positive_int("num_samples", num_samples)
     cfg = make_config(
@@ -1092,6 +1166,7 @@ def sampler(
         output=output,
         reward_range=reward_range,
         record_selections=record_selections,
+        batching=batching,
     )
     _check_target(target, cfg)
     step = _kernel(cfg)
@@ -1110,6 +1185,7 @@ def sampler(
         "reward_mode": reward_mode,
         "output": output,
         "batch_size": batch_size,
+        "batching": cfg.batching,
     }
     return SamplingAlgorithm(
         name="ets",
@@ -1119,5 +1195,5 @@ def sampler(
         done=done,
         result=result,
         params=params,
-        total_steps=steps,
+        total_steps=steps if cfg.batching == "lockstep" else None,
     )

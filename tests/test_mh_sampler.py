@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import torch
@@ -580,7 +580,7 @@ def test_bad_targets_and_alpha_are_rejected() -> None:
         alg = mh.sampler(power_toy(), num_samples=1, initial=[(1, 2)])  # not complete
         tiltsample.sample(alg, power_toy(), 1, seed=0)
     with pytest.raises(TypeError, match="TiltedTarget"):
-        mh.sampler("power-example", num_samples=2)  # type: ignore[arg-type]
+        mh.sampler("power-example", num_samples=2)
     # a power target with alpha read from it sets tau = 1/alpha
     alg = mh.power_sampler(power_toy(alpha=4.0), num_samples=2)
     assert alg.params["alpha"] == 4.0 and alg.params["proposal_temperature"] == 0.25
@@ -595,7 +595,7 @@ def test_bad_targets_and_alpha_are_rejected() -> None:
     truncation=st.sampled_from(("stop", "condition")),
 )
 def test_power_and_entropy_cut_on_random_power_targets(
-    policy: TabularPolicy, truncation: str
+    policy: TabularPolicy, truncation: Literal["stop", "condition"]
 ) -> None:
     if truncation == "condition" and bool(
         torch.isneginf(policy.next_logprobs((), [()])[0, policy.eos_id])
@@ -603,7 +603,7 @@ def test_power_and_entropy_cut_on_random_power_targets(
         truncation = "stop"
     target = tiltsample.power_target(
         policy, 2.0, max_new_tokens=policy.max_len, truncation=truncation
-    )  # type: ignore[arg-type]
+    )
     for factory in (mh.power_sampler, mh.entropy_cut_sampler):
         out = check_sampler(factory(target, num_samples=3, num_steps=3), target, num_samples=3)
         assert out.meta["power"] == 2.0
