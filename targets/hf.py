@@ -425,7 +425,12 @@ class HFPolicy:
 
 
 def _pad_columns(t: Tensor, width: int) -> Tensor:
-    """Pad a ``[B, H, T, D]`` cache tensor with zero columns up to ``width`` (they are masked)."""
+    """Pad a ``[B, H, T, D]`` cache tensor with zero columns up to ``width`` (they are masked).
+
+    Returns ``t`` itself when it already has ``width`` columns (no copy).
+    """
+    if t.shape[2] == width:
+        return t
     return torch.nn.functional.pad(t, (0, 0, 0, width - t.shape[2]))
 
 

@@ -152,8 +152,7 @@ register_sampler(
 register_sampler(
     "csmc",
     f"{_S}.csmc:sampler",
-    "conditional SMC given reference paths (default: exact draws on toys); "
-    "E[log Z_CSMC] >= log Z",
+    "conditional SMC given reference paths (default: exact draws on toys); E[log Z_CSMC] >= log Z",
 )
 register_sampler(
     "particle-gibbs",

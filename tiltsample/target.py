@@ -73,9 +73,7 @@ class LogProbReward:
         reward is ``-inf`` whatever the sign of ``scale`` (never ``+inf`` or NaN).
         """
         log_reference = log_reference.to(torch.float64)
-        return torch.where(
-            torch.isneginf(log_reference), log_reference, self.scale * log_reference
-        )
+        return torch.where(torch.isneginf(log_reference), log_reference, self.scale * log_reference)
 
     def __repr__(self) -> str:
         return f"LogProbReward(scale={self.scale})"
