@@ -53,6 +53,7 @@ from torch import Tensor
 
 from tiltsample import validation
 from tiltsample.decoding import sample_categorical, seqs_to_rows, tempered_logprobs
+from tiltsample.policy import check_token_block
 from tiltsample.types import Cost, Seq
 
 __all__ = [
@@ -561,17 +562,7 @@ class HFSession:
         return self._law
 
     def _check_tokens(self, tokens: Tensor) -> Tensor:
-        tokens = torch.as_tensor(tokens, dtype=torch.long)
-        if tokens.dim() == 1:
-            tokens = tokens[:, None]
-        if tokens.dim() != 2 or tokens.shape[0] != self.batch_size:
-            raise ValueError(
-                f"tokens must have shape [B] or [B, k] with B={self.batch_size}, "
-                f"got {tuple(tokens.shape)}"
-            )
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self._vocab):
-            raise ValueError(f"tokens must lie in [0, vocab_size={self._vocab})")
-        return tokens
+        return check_token_block(tokens, self.batch_size, self._vocab)
 
     def _append(self, tokens: Tensor) -> Tensor:
         k = tokens.shape[1]

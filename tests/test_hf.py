@@ -76,13 +76,7 @@ def policy32() -> HFPolicy:
     return HFPolicy(tiny_model(torch.float32))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    """Tiny models are fastest on one thread (and the CI machine is shared)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("serial_torch")
 
 
 def _recompute(policy: HFPolicy, prompt: tuple[int, ...], session: HFSession) -> torch.Tensor:

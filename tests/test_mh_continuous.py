@@ -12,7 +12,7 @@ run on the embedded language model.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -31,13 +31,7 @@ from tiltsample.testing.strategies import tabular_targets
 from tiltsample.theory.mh_kernels import law_after, mh_kernel
 from tiltsample.types import Seq
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("serial_torch")
 
 
 def reward_toy() -> TiltedTarget:

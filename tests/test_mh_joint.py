@@ -7,7 +7,6 @@ on a tiny random Qwen2 model, then the input checks.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -24,13 +23,7 @@ from tiltsample.theory.mh_kernels import law_after, mh_kernel
 from .test_mh_sampler import assert_draws_follow
 from .test_sessions_ragged import tiny_model
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("serial_torch")
 
 
 def reward_targets() -> list[TiltedTarget]:

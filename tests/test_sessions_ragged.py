@@ -9,7 +9,6 @@ fallback for sessions without the capability.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -57,12 +56,7 @@ def tiny_model(dtype: torch.dtype, seed: int = 0) -> Any:
     return model.to(dtype).eval()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("serial_torch")
 
 
 @pytest.fixture(scope="module")

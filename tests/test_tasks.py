@@ -15,13 +15,7 @@ from tiltsample.targets.tasks import arithmetic
 from tiltsample.targets.tasks.train import PRESETS, TrainConfig, evaluate, train
 from tiltsample.testing import check_policy
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("serial_torch")
 
 
 # ------------------------------------------------------------------------------ task

@@ -245,6 +245,22 @@ def score_token_by_token(session: DecodeSession, tokens: Tensor) -> Tensor:
     return out
 
 
+def check_token_block(tokens: Tensor, batch_size: int, vocab_size: int) -> Tensor:
+    """``tokens`` as a ``LongTensor[B, k]`` (a ``[B]`` vector becomes ``[B, 1]``) after checking
+    its shape against ``batch_size`` and its ids against ``[0, vocab_size)``; sessions call it in
+    ``extend``."""
+    tokens = torch.as_tensor(tokens, dtype=torch.long)
+    if tokens.dim() == 1:
+        tokens = tokens[:, None]
+    if tokens.dim() != 2 or tokens.shape[0] != batch_size:
+        raise ValueError(
+            f"tokens must have shape [B] or [B, k] with B={batch_size}, got {tuple(tokens.shape)}"
+        )
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
+        raise ValueError(f"tokens must lie in [0, vocab_size={vocab_size})")
+    return tokens
+
+
 def open_session(policy: ReferencePolicy, prompt: Seq, batch: int) -> DecodeSession:
     """A decode session of ``batch`` empty rows after ``prompt``.
 
@@ -576,17 +592,7 @@ class PrefixSession:
             self._pending_rows.zero_()
 
     def _check_tokens(self, tokens: Tensor) -> Tensor:
-        tokens = torch.as_tensor(tokens, dtype=torch.long)
-        if tokens.dim() == 1:
-            tokens = tokens[:, None]
-        if tokens.dim() != 2 or tokens.shape[0] != self.batch_size:
-            raise ValueError(
-                f"tokens must have shape [B] or [B, k] with B={self.batch_size}, "
-                f"got {tuple(tokens.shape)}"
-            )
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self._vocab):
-            raise ValueError(f"tokens must lie in [0, vocab_size={self._vocab})")
-        return tokens
+        return check_token_block(tokens, self.batch_size, self._vocab)
 
     def _append(self, tokens: Tensor) -> Tensor:
         """Write ``tokens`` at each row's position (EOS after a row's EOS); return what was held."""
