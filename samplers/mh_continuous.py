@@ -1,0 +1,513 @@
+"""Continuous batching for the sequence MH sampler (``batching="continuous"``).
+
+Chains are independent Markov chains, so they need not move in lock step: every model call draws
+one token for each running chain; a chain whose proposal suffix ended is scored (with the other
+chains that ended in the same call, one reward call), accepted or rejected with the same ratio as
+the lock-step modes (:func:`tiltsample.samplers.mh.mh_log_ratio`, cut-law correction included),
+and starts its next step at once: a new cut, its row truncated to the longest prefix it shares
+with the new state (ragged session rows, :func:`tiltsample.policy.truncate_rows`). Chain ``c``
+draws its tokens, cuts and acceptances from its own generator, seeded with
+``chunk_seed(base, c)`` from one draw of the caller's generator, so its trajectory does not
+depend on the schedule, and every chain makes exactly ``num_steps`` steps. Plain MH only
+(``block_size=None``). The kernel's state, info and results are those of
+:mod:`tiltsample.samplers.mh`; this module holds the engine.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from tiltsample.policy import (
+    DecodeSession,
+    open_session,
+    open_session_multi,
+    supports_ragged,
+    truncate_rows,
+)
+from tiltsample.samplers.mh import (
+    MHConfig,
+    MHInfo,
+    MHRatio,
+    MHState,
+    TargetParts,
+    _cost_diff,
+    _score_chains,
+    _suffix_sum,
+    cut_log_probs,
+    mh_log_ratio,
+    token_law,
+)
+from tiltsample.target import TiltedTarget
+from tiltsample.types import Cost
+
+_UNIFORM_BLOCK = 64
+
+
+def _inverse_cdf(log_p: Tensor, u: Tensor) -> Tensor:
+    """Index drawn from the normalised log-probs ``[R, V]`` with the uniforms ``u`` ``[R]``.
+
+    ``i`` with ``F(i - 1) <= u·F(V - 1) < F(i)`` for the running sum ``F`` of ``exp(log_p)``: an
+    exact inverse-CDF draw that never returns a zero-probability index.
+    """
+    cdf = torch.cumsum(torch.exp(log_p), dim=1)
+    total = cdf[:, -1:].contiguous()
+    idx = torch.searchsorted(cdf, u[:, None].to(cdf.dtype) * total, right=True)
+    last = torch.searchsorted(cdf, total, right=False)
+    return torch.minimum(idx, last).squeeze(1)
+
+
+class _Snapshot:
+    """Every chain's state and move statistics after one MH step (``[C, ...]``, filled as the
+    chains reach that step)."""
+
+    __slots__ = (
+        "acc",
+        "cut",
+        "ell",
+        "ent",
+        "filled",
+        "g",
+        "lacc",
+        "length",
+        "log_ref",
+        "p_len",
+        "p_tokens",
+        "r_cut",
+        "r_prop",
+        "r_target",
+        "rest",
+        "reward",
+        "tokens",
+    )
+
+    def __init__(self, chains: int, width: int, eos: int, with_reward: bool) -> None:
+        f = torch.zeros((chains, width), dtype=torch.float64)
+        self.tokens = torch.full((chains, width), eos, dtype=torch.long)
+        self.p_tokens = self.tokens.clone()
+        self.ell, self.g, self.ent = f, f.clone(), f.clone()
+        z = torch.zeros(chains, dtype=torch.float64)
+        self.log_ref, self.rest = z, z.clone()
+        self.reward = z.clone() if with_reward else None
+        self.lacc, self.r_target = z.clone(), z.clone()
+        self.r_prop, self.r_cut = z.clone(), z.clone()
+        zl = torch.zeros(chains, dtype=torch.long)
+        self.length, self.cut, self.p_len = zl, zl.clone(), zl.clone()
+        self.acc = torch.zeros(chains, dtype=torch.bool)
+        self.filled = torch.zeros(chains, dtype=torch.bool)
+
+
+class _Continuous:
+    """Continuous batching of independent MH chains over one ragged decode session.
+
+    Row ``r`` of the session always holds the proposal chain ``members[r]`` is decoding. Every
+    tick draws one token for every running chain (one model call); a chain whose proposal ends
+    (EOS or its cap) is scored together with the other chains that ended in the same tick (one
+    reward call), accepted or rejected, and immediately starts its next step: a new cut ``j`` of
+    its current state, its row truncated to the longest prefix it shares with ``x_<j`` and the
+    missing prefix tokens (if the row held a rejected proposal) re-fed one per tick, each in the
+    same model call as the other rows' new tokens (so no call is padded to a wider block). The
+    batch stays full until chains run out of steps; their rows leave the session (``select``)
+    once they are an eighth of it.
+
+    The kernel per chain is the one of :func:`_mh_step` with ``block_size=None``: the same
+    ``q_tau`` draws (EOS forced at ``L - 1`` under ``truncation="condition"``), the same
+    :func:`mh_log_ratio` with the cut-law correction (or the published code's truncation in
+    ``length_mode="reference"``). A proposal's last token is never pushed through the model (no
+    later cut keeps it), so the policy is never asked for a law past the cap.
+
+    Each chain draws all its randomness (tokens, acceptance, cuts — in that order, by inverse
+    CDF) from its own ``torch.Generator`` seeded with :func:`tiltsample.records.chunk_seed` of a
+    base seed and its index, so a chain's trajectory does not depend on how the ticks interleave
+    the chains (exactly so for policies whose log-probs do not depend on the batch).
+    """
+
+    def __init__(
+        self,
+        targets: list[TiltedTarget],
+        parts_all: list[TargetParts],
+        per_target: int,
+        base_seed: int,
+        cfg: MHConfig,
+    ) -> None:
+        from tiltsample.records import chunk_seed
+
+        target = targets[0]
+        self.targets, self.parts_all, self.cfg = targets, parts_all, cfg
+        self.joint = len(targets) > 1
+        chains = per_target * len(targets)
+        self.chains = chains
+        self.owner = (
+            torch.repeat_interleave(torch.arange(len(targets)), per_target) if self.joint else None
+        )
+        self.eos, self.width = target.eos_id, target.max_new_tokens
+        self.condition = target.truncation == "condition"
+        self.reference = cfg.length_mode == "reference"
+        prompts = [t.prompt for t in targets]
+        rows = chains if cfg.max_rows is None else min(cfg.max_rows, chains)
+        if self.joint and rows < chains:
+            raise ValueError(
+                "max_rows < all chains is supported for a single target (a session row keeps "
+                "its prompt); run the targets with one row per chain"
+            )
+        session = (
+            open_session_multi(target.policy, prompts, per_target)
+            if self.joint
+            else open_session(target.policy, prompts[0], rows)
+        )
+        if not supports_ragged(session):
+            raise ValueError(
+                "batching='continuous' needs a decode session with ragged rows "
+                "(tiltsample.policy.RaggedDecodeSession); this policy's session has none: use "
+                "batching='grouped' or 'aligned'"
+            )
+        self.session: DecodeSession = session
+        self.members = torch.arange(rows)
+        self.queued = rows  # chains rows..chains-1 wait for a free row
+        self.gens = [torch.Generator().manual_seed(chunk_seed(base_seed, c)) for c in range(chains)]
+        self.ubuf = torch.zeros((chains, _UNIFORM_BLOCK), dtype=torch.float64)
+        self.uptr = torch.full((chains,), _UNIFORM_BLOCK, dtype=torch.long)
+        L, eos = self.width, self.eos
+        f = torch.zeros((chains, L), dtype=torch.float64)
+        # current states
+        self.tokens = torch.full((chains, L), eos, dtype=torch.long)
+        self.ell, self.g, self.ent = f.clone(), f.clone(), f.clone()
+        self.length = torch.zeros(chains, dtype=torch.long)
+        self.log_ref = torch.zeros(chains, dtype=torch.float64)
+        self.rest = torch.zeros(chains, dtype=torch.float64)
+        self.reward: Tensor | None = None
+        # proposals in flight (absolute positions; prefix copied from the current state)
+        self.p_tokens = torch.full((chains, L), eos, dtype=torch.long)
+        self.p_ell, self.p_g, self.p_ent = f.clone(), f.clone(), f.clone()
+        self.start = torch.zeros(chains, dtype=torch.long)
+        self.pos = torch.zeros(chains, dtype=torch.long)  # next position to draw
+        self.rlen = torch.zeros(chains, dtype=torch.long)  # tokens of the chain's session row
+        self.cap = torch.full((chains,), L, dtype=torch.long)
+        self.log_c_fwd = torch.zeros(chains, dtype=torch.float64)
+        self.started = torch.zeros(chains, dtype=torch.bool)  # initial draw complete
+        self.steps = torch.zeros(chains, dtype=torch.long)
+        self.accepted = torch.zeros(chains, dtype=torch.long)
+        self.finished = torch.zeros(chains, dtype=torch.bool)
+        self.chain_cost = torch.zeros((chains, 2), dtype=torch.long)
+        self.reward_calls = 0
+        self.snapshots: dict[int, _Snapshot] = {}
+        self.filler = 0 if eos != 0 else 1
+
+    # ------------------------------------------------------------------ randomness
+    def _uniforms(self, chains: Tensor) -> Tensor:
+        """The next uniform of each chain's own stream (``chains`` distinct)."""
+        empty = chains[self.uptr[chains] >= _UNIFORM_BLOCK]
+        for c in empty.tolist():
+            self.ubuf[c] = torch.rand(_UNIFORM_BLOCK, generator=self.gens[c], dtype=torch.float64)
+            self.uptr[c] = 0
+        u = self.ubuf[chains, self.uptr[chains]]
+        self.uptr[chains] += 1
+        return u
+
+    @property
+    def cost(self) -> Cost:
+        return self.session.cost + Cost(
+            generated_tokens=int(self.chain_cost[:, 0].sum()), reward_calls=self.reward_calls
+        )
+
+    # ------------------------------------------------------------------ the loop
+    def run_until(self, steps: int) -> None:
+        """Tick until every chain has made at least ``steps`` MH steps."""
+        while bool((self.steps < steps).any()):
+            self._tick()
+
+    def _tick(self) -> None:
+        cfg, eos = self.cfg, self.eos
+        session = self.session
+        rows = self.members
+        n_rows = int(rows.numel())
+        law = token_law(session.logprobs(), cfg.proposal_temperature, cfg.support, cfg.top_k)
+        chains = rows[~self.finished[rows]]
+        r_idx = (~self.finished[rows]).nonzero().flatten()
+        # a row below its cut re-feeds the current state's token there (one per tick, like a
+        # drawn token, so no call is padded); a row at its cut or above draws the next token
+        length = self.rlen[chains]
+        forcing = length < self.start[chains]
+        feed = torch.full((n_rows,), self.filler, dtype=torch.long)
+        drop = torch.ones(n_rows, dtype=torch.long)  # tokens to take back after the extend
+        f_idx = r_idx[forcing]
+        if f_idx.numel():
+            cf = chains[forcing]
+            feed[f_idx] = self.tokens[cf, self.rlen[cf]]
+            drop[f_idx] = 0
+            self.rlen[cf] += 1
+        s_idx = r_idx[~forcing]
+        ch = chains[~forcing]
+        if ch.numel():
+            u = self._uniforms(ch)
+            log_q = law.log_q[s_idx]
+            tok = _inverse_cdf(log_q, u)
+            t = self.pos[ch]
+            cap = self.cap[ch]
+            g = log_q.gather(1, tok[:, None]).squeeze(1)
+            if self.condition:
+                at_cap = t == cap - 1
+                tok = torch.where(at_cap, torch.full_like(tok, eos), tok)
+                g = torch.where(at_cap, torch.zeros_like(g), g)
+            ell = law.log_p[s_idx].gather(1, tok[:, None]).squeeze(1)
+            self.p_tokens[ch, t] = tok
+            self.p_ell[ch, t] = ell
+            self.p_g[ch, t] = g
+            self.p_ent[ch, t] = law.entropy[s_idx]
+            self.pos[ch] = t + 1
+            self.chain_cost[ch, 0] += 1
+            fin = (tok == eos) | (t + 1 >= cap)
+            go = ~fin
+            feed[s_idx[go]] = tok[go]
+            drop[s_idx[go]] = 0
+            self.rlen[ch[go]] = t[go] + 1
+            if bool(fin.any()):
+                f_rows = s_idx[fin]
+                held = self.rlen[ch[fin]]  # the proposal minus its last token
+                keep = self._finish(ch[fin])
+                drop[f_rows] = held + 1 - keep
+        session.extend(feed)
+        if bool((drop > 0).any()):
+            session = truncate_rows(session, drop)
+        # a waiting chain takes the (now empty) row of a chain that has made all its steps
+        free = self.finished[rows].nonzero().flatten()
+        if free.numel() and self.queued < self.chains:
+            take = free[: self.chains - self.queued]
+            rows = rows.clone()
+            rows[take] = torch.arange(self.queued, self.queued + int(take.numel()))
+            self.queued += int(take.numel())
+            self.members = rows
+        # drop rows of chains that have made all their steps once they are an eighth of the batch
+        gone = self.finished[rows]
+        if bool(gone.any()) and (int(gone.sum()) * 8 >= n_rows or bool(gone.all())):
+            stay = (~gone).nonzero().flatten()
+            session.select(stay)
+            self.members = rows[stay]
+        self.session = session
+
+    def _finish(self, chains: Tensor) -> Tensor:
+        """Complete the proposals of ``chains``: initial draws become states, MH proposals are
+        accepted or rejected; then start the next step. Returns per chain the length of the row
+        prefix to keep (the longest prefix of the row that is also a prefix of ``x_<j``; the rest
+        of ``x_<j`` is re-fed by the next ticks)."""
+        cfg, eos, L = self.cfg, self.eos, self.width
+        p_len = self.pos[chains]
+        pos = torch.arange(L)[None, :]
+        inside = pos < p_len[:, None]
+        p_tokens = torch.where(inside, self.p_tokens[chains], eos)
+        p_ell = torch.where(inside, self.p_ell[chains], 0.0)
+        p_g = torch.where(inside, self.p_g[chains], 0.0)
+        p_ent = torch.where(inside, self.p_ent[chains], 0.0)
+        p_log_ref = p_ell.sum(dim=1)
+        p_rest, p_reward, rcost, per_calls = _score_chains(
+            self.targets, self.parts_all, self.owner, chains, True, p_tokens, p_len, p_log_ref
+        )
+        self.reward_calls += rcost.reward_calls
+        self.chain_cost[chains, 1] += per_calls
+        if p_reward is not None and self.reward is None:
+            self.reward = torch.zeros(self.chains, dtype=torch.float64)
+        old_tokens = self.tokens[chains].clone()
+        init = ~self.started[chains]
+        mh = ~init
+        acc = init.clone()
+        k = mh.nonzero().flatten()
+        if k.numel():
+            c = chains[k]
+            j = self.start[c]
+            n = self.length[c]
+            stop_cur = p_len[k] if self.reference else n
+            if self.reference and cfg.cut == "uniform":
+                fwd = torch.zeros(int(k.numel()), dtype=torch.float64)
+                rev = fwd
+            else:
+                fwd = self.log_c_fwd[c]
+                rev_all = cut_log_probs(p_ent[k], p_len[k], cfg.cut, cfg.cut_power)
+                rev = rev_all.gather(1, j[:, None]).squeeze(1)
+            ratio = mh_log_ratio(
+                power=self.parts_all[0].power,
+                ell_current=_suffix_sum(self.ell[c], j, stop_cur),
+                ell_proposal=_suffix_sum(p_ell[k], j, p_len[k]),
+                g_current=_suffix_sum(self.g[c], j, stop_cur),
+                g_proposal=_suffix_sum(p_g[k], j, p_len[k]),
+                rest_current=self.rest[c],
+                rest_proposal=p_rest[k],
+                log_cut_forward=fwd,
+                log_cut_reverse=rev,
+                greedy=cfg.greedy,
+            )
+            log_u = torch.log(self._uniforms(c))
+            acc[k] = log_u < ratio.total
+        # update the current states
+        a = acc.nonzero().flatten()
+        ca = chains[a]
+        self.tokens[ca] = p_tokens[a]
+        self.ell[ca] = p_ell[a]
+        self.g[ca] = p_g[a]
+        self.ent[ca] = p_ent[a]
+        self.length[ca] = p_len[a]
+        self.log_ref[ca] = p_log_ref[a]
+        self.rest[ca] = p_rest[a]
+        if self.reward is not None and p_reward is not None:
+            self.reward[ca] = p_reward[a].to(torch.float64)
+        self.started[chains] = True
+        if k.numel():
+            c = chains[k]
+            self.steps[c] += 1
+            self.accepted[c] += acc[k].long()
+            self._snap(c, k, acc, p_tokens, p_len, ratio)
+        # how much of each session row (the proposal minus its last token) the next step keeps
+        held = p_len - 1
+        same = (p_tokens == old_tokens) | (pos >= held[:, None])
+        lcp = torch.where(acc, held, torch.argmin(same.long(), dim=1))
+        lcp = torch.where(same.all(dim=1) & ~acc, held, lcp).clamp(max=held)
+        done_now = self.steps[chains] >= cfg.num_steps
+        self.finished[chains[done_now]] = True
+        keep = torch.zeros_like(p_len)
+        go = (~done_now).nonzero().flatten()
+        if go.numel():
+            c = chains[go]
+            log_c = cut_log_probs(self.ent[c], self.length[c], cfg.cut, cfg.cut_power)
+            j = _inverse_cdf(log_c, self._uniforms(c))
+            self.log_c_fwd[c] = log_c.gather(1, j[:, None]).squeeze(1)
+            self.start[c] = j
+            self.pos[c] = j
+            self.cap[c] = self.length[c] if self.reference else L
+            self.p_tokens[c] = self.tokens[c]
+            self.p_ell[c] = self.ell[c]
+            self.p_g[c] = self.g[c]
+            self.p_ent[c] = self.ent[c]
+            keep[go] = torch.minimum(j, lcp[go])
+        self.rlen[chains] = keep
+        return keep
+
+    def _snap(
+        self,
+        c: Tensor,
+        k: Tensor,
+        acc: Tensor,
+        p_tokens: Tensor,
+        p_len: Tensor,
+        ratio: MHRatio,
+    ) -> None:
+        """Record the state and move statistics of chains ``c`` after their latest step."""
+        steps = self.steps[c]
+        for s in sorted(set(steps.tolist())):
+            m = steps == s
+            snap = self.snapshots.get(s)
+            if snap is None:
+                snap = _Snapshot(self.chains, self.width, self.eos, True)
+                self.snapshots[s] = snap
+            cs = c[m]
+            km = k[m]
+            snap.tokens[cs] = self.tokens[cs]
+            snap.ell[cs] = self.ell[cs]
+            snap.g[cs] = self.g[cs]
+            snap.ent[cs] = self.ent[cs]
+            snap.length[cs] = self.length[cs]
+            snap.log_ref[cs] = self.log_ref[cs]
+            snap.rest[cs] = self.rest[cs]
+            if snap.reward is not None and self.reward is not None:
+                snap.reward[cs] = self.reward[cs]
+            snap.acc[cs] = acc[km]
+            snap.cut[cs] = self.start[cs]
+            snap.p_tokens[cs] = p_tokens[km]
+            snap.p_len[cs] = p_len[km]
+            snap.lacc[cs] = ratio.total[m]
+            snap.r_target[cs] = ratio.target[m]
+            snap.r_prop[cs] = ratio.proposal[m]
+            snap.r_cut[cs] = ratio.cut[m]
+            snap.filled[cs] = True
+
+
+def _init_continuous(
+    targets: list[TiltedTarget],
+    parts_all: list[TargetParts],
+    per_target: int,
+    generator: torch.Generator,
+    cfg: MHConfig,
+) -> MHState:
+    """The state of a continuous run: the engine, seeded from one draw of ``generator``; the
+    chains' initial ``q_tau`` draws are made inside the engine (per-chain streams)."""
+    base = int(torch.randint(0, 2**62, (1,), generator=generator, dtype=torch.long))
+    engine = _Continuous(targets, parts_all, per_target, base, cfg)
+    chains, width = engine.chains, engine.width
+    target = targets[0]
+    blank = torch.zeros((chains, width), dtype=torch.float64)
+    return MHState(
+        target=target,
+        config=cfg,
+        parts=parts_all[0],
+        caps=(width,),
+        tokens=torch.full((chains, width), target.eos_id, dtype=torch.long),
+        ell=blank,
+        g=blank.clone(),
+        entropy=blank.clone(),
+        length=torch.zeros(chains, dtype=torch.long),
+        log_reference=torch.zeros(chains, dtype=torch.float64),
+        rest=torch.zeros(chains, dtype=torch.float64),
+        reward=None,
+        chain_cap=torch.full((chains,), width, dtype=torch.long),
+        active=torch.ones(chains, dtype=torch.bool),
+        stage=1,
+        step_in_stage=0,
+        steps_done=0,
+        accepted_count=torch.zeros(chains, dtype=torch.long),
+        moved_count=torch.zeros(chains, dtype=torch.long),
+        handles=None,
+        root=None,
+        serial=0,
+        last=None,
+        cost=Cost(),
+        batching="continuous",
+        targets=tuple(targets) if len(targets) > 1 else (),
+        owner=engine.owner,
+        chain_cost=engine.chain_cost.clone(),
+        engine=engine,
+    )
+
+
+def _continuous_step(state: MHState) -> tuple[MHState, MHInfo]:
+    """Advance the engine until every chain has made step ``steps_done + 1``; return the chains'
+    states after that step (faster chains have gone further; their later steps are kept)."""
+    engine: _Continuous = state.engine
+    k = state.steps_done + 1
+    engine.run_until(k)
+    snap = engine.snapshots.pop(k)
+    assert bool(snap.filled.all())
+    cost = engine.cost
+    has_reward = engine.reward is not None
+    info = MHInfo(
+        cost=_cost_diff(cost, state.cost),
+        accepted=snap.acc.clone(),
+        cut=snap.cut.clone(),
+        proposal_length=snap.p_len.clone(),
+        regenerated=snap.p_len - snap.cut,
+        log_acceptance=snap.lacc,
+        log_target_ratio=snap.r_target,
+        log_proposal_ratio=snap.r_prop,
+        log_cut_ratio=snap.r_cut,
+        moved=torch.ones_like(snap.acc),
+        proposal_tokens=snap.p_tokens,
+        stage=1,
+    )
+    new = state._replace(
+        tokens=snap.tokens,
+        ell=snap.ell,
+        g=snap.g,
+        entropy=snap.ent,
+        length=snap.length,
+        log_reference=snap.log_ref,
+        rest=snap.rest,
+        reward=snap.reward if has_reward else None,
+        step_in_stage=k,
+        steps_done=k,
+        accepted_count=state.accepted_count + snap.acc.long(),
+        moved_count=state.moved_count + 1,
+        last=info,
+        cost=cost,
+        chain_cost=engine.chain_cost.clone(),
+    )
+    return new, info
+
+
+# ============================================================================ outputs
