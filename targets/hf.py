@@ -53,6 +53,7 @@ from torch import Tensor
 
 from tiltsample import validation
 from tiltsample.decoding import sample_categorical, seqs_to_rows, tempered_logprobs
+from tiltsample.diffusion import block_positions, block_quota, check_step
 from tiltsample.policy import check_token_block
 from tiltsample.types import Cost, Seq
 
@@ -1121,23 +1122,16 @@ class HFMaskedDiffusionPolicy:
         return torch.full((batch, self._length), self._mask, dtype=torch.long)
 
     def _check_step(self, step: int) -> int:
-        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < self._steps:
-            raise ValueError(f"step must be an int in [0, num_steps={self._steps}), got {step!r}")
-        return step
+        return check_step(step, self._steps)
 
     def quota(self, step: int) -> int:
         """Positions committed at step ``step`` (an even split of its block over the block's
         steps; earlier steps of a block take the remainder)."""
-        self._check_step(step)
-        spb = self._steps_per_block
-        base, rem = divmod(self.block_length, spb)
-        return base + (1 if step % spb < rem else 0)
+        return block_quota(self._check_step(step), self.block_length, self._steps_per_block)
 
     def block(self, step: int) -> range:
         """Positions eligible at step ``step`` (the current block)."""
-        self._check_step(step)
-        b = step // self._steps_per_block
-        return range(b * self.block_length, (b + 1) * self.block_length)
+        return block_positions(self._check_step(step), self.block_length, self._steps_per_block)
 
     def _check_states(self, states: Tensor) -> Tensor:
         from tiltsample.diffusion import check_states

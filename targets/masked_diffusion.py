@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 
 from tiltsample import validation
-from tiltsample.diffusion import check_states
+from tiltsample.diffusion import block_positions, block_quota, check_states, check_step
 from tiltsample.policy import ReferencePolicy
 from tiltsample.target import TiltedTarget
 from tiltsample.types import Cost, Seq
@@ -246,16 +246,11 @@ class MaskedDiffusionToy:
 
     def quota(self, step: int) -> int:
         """Positions committed at step ``step``."""
-        self._check_step(step)
-        spb = self._steps_per_block
-        base, rem = divmod(self.block_length, spb)
-        return base + (1 if step % spb < rem else 0)
+        return block_quota(self._check_step(step), self.block_length, self._steps_per_block)
 
     def block(self, step: int) -> range:
         """Positions eligible at step ``step`` (the current block)."""
-        self._check_step(step)
-        b = step // self._steps_per_block
-        return range(b * self.block_length, (b + 1) * self.block_length)
+        return block_positions(self._check_step(step), self.block_length, self._steps_per_block)
 
     def committed_before(self, step: int) -> int:
         """Positions committed by the first ``step`` steps."""
@@ -393,9 +388,8 @@ class MaskedDiffusionToy:
         return tuple(row)
 
     # ------------------------------------------------------------------ internals
-    def _check_step(self, step: int) -> None:
-        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < self._steps:
-            raise ValueError(f"step must be an int in [0, num_steps={self._steps}), got {step!r}")
+    def _check_step(self, step: int) -> int:
+        return check_step(step, self._steps)
 
     def _cond_batch(self, states: Tensor) -> Tensor:
         """``[B, L, V]`` conditionals of a batch (computed once per distinct state)."""

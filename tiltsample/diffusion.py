@@ -128,6 +128,27 @@ class StatePotential(Protocol):
     ) -> tuple[Tensor, Cost]: ...
 
 
+def check_step(step: int, num_steps: int) -> int:
+    """``step`` after checking it is an int in ``[0, num_steps)`` (a clear error otherwise)."""
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < num_steps:
+        raise ValueError(f"step must be an int in [0, num_steps={num_steps}), got {step!r}")
+    return step
+
+
+def block_quota(step: int, block_length: int, steps_per_block: int) -> int:
+    """Positions the semi-autoregressive schedule commits at ``step``: the block's
+    ``block_length`` positions split evenly over its ``steps_per_block`` steps, the earlier
+    steps taking the remainder."""
+    base, rem = divmod(block_length, steps_per_block)
+    return base + (1 if step % steps_per_block < rem else 0)
+
+
+def block_positions(step: int, block_length: int, steps_per_block: int) -> range:
+    """Positions eligible at ``step`` under the semi-autoregressive schedule (its block)."""
+    b = step // steps_per_block
+    return range(b * block_length, (b + 1) * block_length)
+
+
 def initial_states(policy: MaskedDiffusionPolicy, batch: int) -> Tensor:
     """``LongTensor[batch, L]`` of fully masked states."""
     if batch < 0:
