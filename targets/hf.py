@@ -41,7 +41,6 @@ float64 precision; a float32 model agrees with its own full recompute to about `
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 import os
 from collections.abc import Sequence
@@ -55,6 +54,7 @@ from tiltsample import validation
 from tiltsample.decoding import sample_categorical, seqs_to_rows, tempered_logprobs
 from tiltsample.diffusion import block_positions, block_quota, check_step
 from tiltsample.policy import check_token_block
+from tiltsample.targets import hf_compat
 from tiltsample.types import Cost, Seq
 
 __all__ = [
@@ -99,13 +99,6 @@ def _special_id(tokenizer: Any, config: Any, name: str) -> int | None:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     return None
-
-
-def _forward_accepts(model: Any, name: str) -> bool:
-    try:
-        return name in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):  # pragma: no cover - exotic wrappers
-        return False
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,7 +155,9 @@ class HFPolicy:
     ----------
     model
         A causal LM (``AutoModelForCausalLM``-like: ``model(input_ids, attention_mask=...,
-        past_key_values=..., use_cache=...)`` returning ``.logits``). It is put in eval mode.
+        use_cache=...)`` with the KV cache under the keyword the installed ``transformers``
+        takes, see :mod:`tiltsample.targets.hf_compat`, returning ``.logits``). It is put in eval
+        mode.
     tokenizer
         Optional; used by :meth:`encode` / :meth:`decode` and for the special-token ids.
     eos_id, bos_id
@@ -214,7 +209,7 @@ class HFPolicy:
         bos = bos_id if bos_id is not None else _special_id(tokenizer, config, "bos")
         self._bos = None if bos is None else validation.token_id("bos_id", bos, vocab)
         self.max_batch = validation.positive_int("max_batch", max_batch)
-        self._logits_to_keep = _forward_accepts(model, "logits_to_keep")
+        self._logits_to_keep = hf_compat.forward_accepts(model, "logits_to_keep")
         self.name = str(getattr(config, "_name_or_path", "") or type(model).__name__)
 
     @classmethod
@@ -312,13 +307,11 @@ class HFPolicy:
         cache: Any = None,
         last_only: bool = False,
     ) -> tuple[Tensor, Any]:
-        kwargs: dict[str, Any] = {"use_cache": cache is not None}
+        kwargs = hf_compat.forward_cache_kwargs(self.model, cache)
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
-        if cache is not None:
-            kwargs["past_key_values"] = cache
         if last_only and self._logits_to_keep:
             kwargs["logits_to_keep"] = 1
         with torch.no_grad():
@@ -326,7 +319,7 @@ class HFPolicy:
         logits = out.logits
         if last_only:
             logits = logits[:, -1]
-        return logits, getattr(out, "past_key_values", None)
+        return logits, hf_compat.returned_cache(out)
 
     def next_logprobs(self, prompt: Seq, prefixes: Sequence[Seq]) -> Tensor:
         """``[B, V]`` float64 next-token log-probs by a full (uncached) forward of each prefix."""
@@ -443,11 +436,10 @@ def _fork_cache(cache: Any) -> Any:
     ``batch_select_indices`` / ``batch_repeat_interleave`` index), so copying the layer objects is
     enough; any other layer type is deep-copied.
     """
-    from transformers.cache_utils import DynamicLayer
-
-    if all(type(layer) is DynamicLayer for layer in cache.layers):
+    layers = hf_compat.dynamic_layers(cache)
+    if layers is not None:
         twin = copy.copy(cache)
-        twin.layers = [copy.copy(layer) for layer in cache.layers]
+        twin.layers = [copy.copy(layer) for layer in layers]
         return twin
     return copy.deepcopy(cache)
 
@@ -743,10 +735,9 @@ class HFSession:
             self._cache = other._cache
             self._live = other._live
         else:
-            from transformers.cache_utils import DynamicLayer
-
-            mine, theirs = self._cache.layers, other._cache.layers
-            if not all(type(x) is DynamicLayer for x in (*mine, *theirs)):
+            mine = hf_compat.dynamic_layers(self._cache)
+            theirs = hf_compat.dynamic_layers(other._cache)
+            if mine is None or theirs is None:
                 raise TypeError("append_rows supports DynamicLayer caches only")
             width = max(self._live.shape[1], other._live.shape[1])
             for x, y in zip(mine, theirs, strict=True):
@@ -795,14 +786,12 @@ class HFSession:
     # ------------------------------------------------------------------ internals
     def _prefill(self) -> None:
         """Encode the distinct contexts once (right-padded batch); expand the cache to the rows."""
-        from transformers import DynamicCache
-
         used = sorted(set(self._row_prompt.tolist()))
         sub = {p: i for i, p in enumerate(used)}
         rows, lengths = seqs_to_rows([self._contexts[p] for p in used], pad_id=self._eos)
         width = rows.shape[1]
         mask = torch.arange(width)[None, :] < lengths[:, None]
-        cache = DynamicCache()
+        cache = hf_compat.new_dynamic_cache()
         positions = torch.arange(width)[None, :].expand(len(used), -1)
         kwargs: dict[str, Any] = {}
         if not bool(mask.all()):
@@ -895,10 +884,8 @@ class HFSession:
             self._compact(counts, need)
 
     def _compact(self, counts: Tensor, need: int) -> None:
-        from transformers.cache_utils import DynamicLayer
-
-        layers = self._cache.layers
-        if not all(type(layer) is DynamicLayer for layer in layers):
+        layers = hf_compat.dynamic_layers(self._cache)
+        if layers is None:
             return
         order = torch.sort((~self._live).long(), dim=1, stable=True).indices[:, :need]
         for layer in layers:

@@ -464,13 +464,14 @@ def _ar_samples(
     max_new: int,
 ) -> list[list[tuple[int, ...]]]:
     """``num`` responses per problem, batched over problems of equal prompt length."""
-    from transformers import DynamicCache
+    from tiltsample.targets import hf_compat
 
     out: list[list[tuple[int, ...]]] = [[] for _ in problems]
     for group in _group_by_prompt_length(problems):
         ctx = torch.tensor([problems[i].prompt_ids() for i in group]).repeat_interleave(num, 0)
-        cache = DynamicCache()
-        logits = model(input_ids=ctx, past_key_values=cache, use_cache=True).logits[:, -1]
+        cache = hf_compat.new_dynamic_cache()
+        with_cache = hf_compat.forward_cache_kwargs(model, cache)
+        logits = model(input_ids=ctx, **with_cache).logits[:, -1]
         rows = ctx.shape[0]
         toks = torch.zeros((rows, 0), dtype=torch.long)
         live = torch.ones(rows, dtype=torch.bool)
@@ -485,9 +486,7 @@ def _ar_samples(
             live = live & (tok != EOS_ID)
             if not bool(live.any()):
                 break
-            logits = model(input_ids=tok[:, None], past_key_values=cache, use_cache=True).logits[
-                :, -1
-            ]
+            logits = model(input_ids=tok[:, None], **with_cache).logits[:, -1]
         for r, row in enumerate(toks.tolist()):
             if EOS_ID in row:
                 row = row[: row.index(EOS_ID) + 1]
