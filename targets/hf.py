@@ -43,7 +43,8 @@ from __future__ import annotations
 import copy
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -99,6 +100,53 @@ def _special_id(tokenizer: Any, config: Any, name: str) -> int | None:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     return None
+
+
+def _encode_failure(tokenizer: Any, text: str, error: BaseException) -> str:
+    """Why ``text`` could not be encoded, naming the characters outside a character vocabulary."""
+    message = f"cannot encode text {text[:40]!r}{'...' if len(text) > 40 else ''}: {error}"
+    vocab = getattr(tokenizer, "get_vocab", lambda: {})()
+    if vocab and all(len(token) == 1 for token in vocab if not token.startswith(("<", "["))):
+        outside = sorted({c for c in text if c not in vocab})
+        if outside:
+            message += f"; characters outside the vocabulary: {''.join(outside)!r}"
+    return message
+
+
+def _check_model_source(path: str | os.PathLike[str], local_files_only: bool | None) -> bool:
+    """Resolve ``local_files_only`` (None means offline) and reject a missing folder early.
+
+    A name that looks like a filesystem path (absolute, ``./``, ``../``, ``~``) but is not a folder
+    raises ``FileNotFoundError``; so does any name when offline and no such folder exists.
+    """
+    offline = True if local_files_only is None else bool(local_files_only)
+    text = os.fspath(path)
+    folder = Path(text).expanduser()
+    if folder.is_dir():
+        return offline
+    looks_local = text.startswith(("/", "./", "../", "~")) or folder.exists()
+    if looks_local:
+        raise FileNotFoundError(f"model folder {text!r} does not exist (or is not a folder)")
+    if offline:
+        raise FileNotFoundError(
+            f"{text!r} is not a local model folder and downloads are off (offline by default); "
+            "pass local_files_only=False to fetch it from a model hub"
+        )
+    return offline
+
+
+@contextmanager
+def _loading_errors(path: str | os.PathLike[str], offline: bool) -> Iterator[None]:
+    """Re-raise ``transformers`` loading errors with the path and the offline setting."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as error:
+        mode = "offline" if offline else "online"
+        raise OSError(
+            f"could not load a model from {os.fspath(path)!r} ({mode}): {error}"
+        ) from error
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,15 +274,18 @@ class HFPolicy:
 
         ``tokenizer="auto"`` uses :func:`load_tokenizer` (``PreTrainedTokenizerFast`` when the
         folder has a ``tokenizer.json``); pass ``None`` for no tokenizer or an object to use it.
-        ``local_files_only`` defaults to True for an existing folder.
+        Offline by default: ``local_files_only=None`` (the default) means True, so a name that is
+        not an existing folder fails at once with a clear message instead of retrying the network;
+        pass ``local_files_only=False`` to allow downloads from a hub. A path that does not exist
+        raises ``FileNotFoundError`` naming it.
         """
         from transformers import AutoModelForCausalLM
 
-        is_dir = Path(path).is_dir()
-        offline = is_dir if local_files_only is None else local_files_only
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=dtype, local_files_only=offline
-        )
+        offline = _check_model_source(path, local_files_only)
+        with _loading_errors(path, offline):
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=dtype, local_files_only=offline
+            )
         auto = isinstance(tokenizer, str) and tokenizer == "auto"
         tok = load_tokenizer(path, local_files_only=offline) if auto else tokenizer
         return cls(model, tok, **kwargs)
@@ -273,7 +324,11 @@ class HFPolicy:
             if isinstance(ids, dict) or hasattr(ids, "keys"):
                 ids = ids["input_ids"]
             return tuple(int(i) for i in ids)
-        return tuple(int(i) for i in tok(text, add_special_tokens=add_special_tokens)["input_ids"])
+        try:
+            ids = tok(text, add_special_tokens=add_special_tokens)["input_ids"]
+        except Exception as error:  # tokenizers raises a bare Exception for unknown characters
+            raise ValueError(_encode_failure(tok, text, error)) from error
+        return tuple(int(i) for i in ids)
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         """Text of token ids (special tokens dropped by default)."""
@@ -1043,10 +1098,11 @@ class HFMaskedDiffusionPolicy:
         from transformers import AutoModelForCausalLM
 
         folder = Path(path)
-        offline = folder.is_dir() if local_files_only is None else local_files_only
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=dtype, local_files_only=offline
-        )
+        offline = _check_model_source(path, local_files_only)
+        with _loading_errors(path, offline):
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=dtype, local_files_only=offline
+            )
         auto = isinstance(tokenizer, str) and tokenizer == "auto"
         tok = load_tokenizer(path, local_files_only=offline) if auto else tokenizer
         meta_file = folder / "tiltsample_diffusion.json"

@@ -8,6 +8,7 @@ from, so that importance weights ``p/q`` are exact.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -61,8 +62,37 @@ def entropy(log_p: Tensor) -> Tensor:
     return -torch.where(finite, torch.exp(log_p) * log_p, torch.zeros_like(log_p)).sum(dim=1)
 
 
+def check_law(log_probs: Tensor, what: str = "next-token log-probs") -> None:
+    """Raise ``ValueError`` if a row of ``log_probs`` ``[B, V]`` is not a law: NaN, ``+inf`` or
+    no finite entry. The message names the rows (at most eight) and what went wrong."""
+    bad_value = torch.isnan(log_probs) | (log_probs == math.inf)
+    empty = ~torch.isfinite(log_probs).any(dim=-1)
+    rows = bad_value.any(dim=-1) | empty
+    if not bool(rows.any()):
+        return
+    index = torch.nonzero(rows).flatten().tolist()
+    shown = ", ".join(str(i) for i in index[:8]) + (" ..." if len(index) > 8 else "")
+    first = index[0]
+    if bool(torch.isnan(log_probs[first]).any()):
+        cause = "NaN"
+    elif bool((log_probs[first] == math.inf).any()):
+        cause = "+inf"
+    else:
+        cause = "no token of finite log-probability"
+    raise ValueError(
+        f"the policy returned invalid {what} for {len(index)} of {log_probs.shape[0]} rows "
+        f"(rows {shown}; row {first} has {cause}): check the model's outputs (dtype overflow, "
+        "a broken checkpoint) or the policy's masking"
+    )
+
+
 def sample_categorical(generator: torch.Generator, log_probs: Tensor) -> Tensor:
-    """One draw per row of ``log_probs`` ``[B, V]`` with the caller's generator."""
+    """One draw per row of ``log_probs`` ``[B, V]`` with the caller's generator.
+
+    Raises ``ValueError`` naming the rows if a row holds NaN or no finite entry (a policy that
+    returned an invalid law), instead of torch's "probability tensor contains inf, nan".
+    """
+    check_law(log_probs)
     probs = torch.softmax(log_probs.to(torch.float64), dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
