@@ -105,7 +105,7 @@ def _special_id(tokenizer: Any, config: Any, name: str) -> int | None:
 def _encode_failure(tokenizer: Any, text: str, error: BaseException) -> str:
     """Why ``text`` could not be encoded, naming the characters outside a character vocabulary."""
     message = f"cannot encode text {text[:40]!r}{'...' if len(text) > 40 else ''}: {error}"
-    vocab = getattr(tokenizer, "get_vocab", lambda: {})()
+    vocab: dict[str, int] = getattr(tokenizer, "get_vocab", lambda: {})()
     if vocab and all(len(token) == 1 for token in vocab if not token.startswith(("<", "["))):
         outside = sorted({c for c in text if c not in vocab})
         if outside:
