@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
 import tiltsample
+from tiltsample import validation
+from tiltsample.compare import run_compare
 from tiltsample.targets.rewards import ContainsTokenReward
 from tiltsample.targets.tabular import random_tabular
 
@@ -176,6 +179,30 @@ CASES: list[tuple[str, Callable[[], object], type[Exception], str]] = [
         ValueError,
         "systematic",
     ),
+    # run_compare: an explicit 0 / [] is refused, never replaced by the profile's default
+    ("compare num_problems zero", lambda: run_compare(num_problems=0), ValueError, "num_problems"),
+    ("compare repeats zero", lambda: run_compare(repeats=0), ValueError, "repeats"),
+    ("compare budgets empty", lambda: run_compare(budgets=[]), ValueError, "budgets"),
+    ("compare budget zero", lambda: run_compare(budgets=[1, 0]), ValueError, r"budgets\[1\]"),
+    ("compare seed negative", lambda: run_compare(seed=-1), ValueError, "seed"),
+    ("compare lam inf", lambda: run_compare(lam=math.inf), ValueError, "lam"),
+    ("compare threads zero", lambda: run_compare(threads=0), ValueError, "threads"),
+    ("compare samplers empty", lambda: run_compare(samplers=[]), ValueError, "samplers"),
+    ("compare samplers str", lambda: run_compare(samplers="smc"), ValueError, "samplers"),
+    (
+        "compare out_dir in a missing folder outside the current directory",
+        lambda: run_compare(out_dir="/nonexistent-tiltsample-dir/x"),
+        ValueError,
+        "out_dir",
+    ),
+    (
+        "output file is a folder",
+        lambda: validation.output_file("out", "/"),
+        ValueError,
+        "out must be a file",
+    ),
+    ("output path empty", lambda: validation.output_folder("out", ""), ValueError, "out"),
+    ("output path not a path", lambda: validation.output_file("out", 3), TypeError, "out"),
 ]
 
 
@@ -185,3 +212,24 @@ def test_bad_input_is_rejected_clearly(
 ) -> None:
     with pytest.raises(error, match=match):
         call()
+
+
+def test_output_paths(tmp_path: Path) -> None:
+    """Missing folders are accepted only where the caller allows creating them."""
+    (tmp_path / "f").write_text("")
+    assert validation.output_file("out", tmp_path / "x.jsonl") == tmp_path / "x.jsonl"
+    assert validation.output_folder("out", tmp_path / "new") == tmp_path / "new"  # the leaf
+    with pytest.raises(ValueError, match="does not exist"):
+        validation.output_folder("out", tmp_path / "a" / "b")
+    with pytest.raises(ValueError, match="does not exist"):
+        validation.output_file("out", tmp_path / "a" / "x.jsonl")
+    below = validation.output_file("out", tmp_path / "a" / "x.jsonl", create_below=tmp_path)
+    assert below == tmp_path / "a" / "x.jsonl" and not (tmp_path / "a").exists()
+    with pytest.raises(ValueError, match="is a file"):
+        validation.output_folder("out", tmp_path / "f")
+    with pytest.raises(ValueError, match="not a folder"):
+        validation.output_file("out", tmp_path / "f" / "x", create_below=tmp_path)
+    assert validation.finite_or_inf("INF") == math.inf
+    assert validation.finite_or_inf("-Infinity") == -math.inf
+    assert math.isnan(validation.finite_or_inf("nan") or 0.0)
+    assert validation.finite_or_inf("1e3") is None

@@ -91,3 +91,10 @@ def test_demo_writes_table_and_figure(tmp_path: Path, capsys: pytest.CaptureFixt
         < rows["SIR M=16"]["tv_exact_law"]
         < rows["SIR M=4"]["tv_exact_law"]
     )
+
+
+def test_help_states_the_exit_statuses(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert info.value.code == 0 and "2 usage error" in " ".join(out.split()) and "--debug" in out

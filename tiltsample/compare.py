@@ -461,14 +461,28 @@ def run_compare(
     profile
         ``"test"`` (seconds), ``"demo"`` (a few minutes) or ``"full"``; the explicit arguments
         below override its sizes.
+    out_dir
+        The output folder. It is created if missing when its parent exists; missing parents are
+        created only inside the current directory (``results/compare-demo`` from a fresh clone),
+        never elsewhere (``/nonexistent/x`` is refused).
     model
         A causal-LM folder (default: the shipped ``arith-ar``); its tokenizer must use the task's
         character vocabulary.
     samplers
         Recipe labels to run (default: every recipe whose sampler is registered).
+    num_problems, budgets, repeats
+        Override the profile's sizes; ``None`` keeps the profile's value, and an explicit ``0``
+        or empty list is refused (never silently replaced by the default).
+    lam, seed
+        KL coefficient of the verifier target (finite, > 0) and run seed (int >= 0).
     threads
         torch intra-op threads during the run (restored afterwards). One thread is fastest for
         the tiny model on a shared machine.
+
+    Raises
+    ------
+    ValueError, TypeError
+        On a bad argument (naming it) before anything is loaded or written.
     """
     import sys
 
@@ -479,12 +493,24 @@ def run_compare(
 
     validation.one_of("profile", profile, list(PROFILES))
     prof = PROFILES[profile]
-    n_prob = validation.positive_int("num_problems", num_problems or prof.num_problems)
-    budget_list = tuple(budgets or prof.budgets)
-    for b in budget_list:
-        validation.positive_int("budgets[i]", b)
-    reps = validation.positive_int("repeats", repeats or prof.repeats)
+    # None means "the profile's value"; an explicit 0 or [] is an error, never the default
+    n_prob = validation.positive_int(
+        "num_problems", prof.num_problems if num_problems is None else num_problems
+    )
+    budget_list = tuple(prof.budgets if budgets is None else budgets)
+    if not budget_list:
+        raise ValueError("budgets must be a non-empty list of ints >= 1, got []")
+    for i, b in enumerate(budget_list):
+        validation.positive_int(f"budgets[{i}]", b)
+    reps = validation.positive_int("repeats", prof.repeats if repeats is None else repeats)
     lam = validation.positive_float("lam", lam)
+    validation.non_negative_int("seed", seed)
+    if threads is not None:
+        validation.positive_int("threads", threads)
+    if samplers is not None and (isinstance(samplers, str) or not samplers):
+        raise ValueError(f"samplers must be a non-empty list of recipe labels, got {samplers!r}")
+    validation.output_folder("out_dir", out_dir, create_below=Path.cwd())
+    out = Path(out_dir)
     recipes, skipped = available_recipes(samplers)
     if not recipes:
         raise ValueError("no sampler to compare (none of the requested recipes is registered)")
@@ -495,7 +521,6 @@ def run_compare(
     )
     problems = tasks.held_out_problems(n_prob, seed=seed)
     cells = plan(recipes, budget_list, n_prob, reps)
-    out = Path(out_dir)
     header = {
         "kind": "tiltsample-compare",
         "model": model if model is not None else tasks.DEFAULT_AR,
