@@ -175,9 +175,11 @@ def result(state: BeamState) -> SampleSet:
             "raise num_beams"
         )
     scores = state.scores[:n]
+    # a hypothesis of zero target density (a violated constraint) is a failed draw
+    failed = torch.isneginf(torch.as_tensor(scores, dtype=torch.float64))
     return SampleSet(
         state.beams[:n],
-        torch.zeros(n, dtype=torch.float64),
+        torch.where(failed, -math.inf, 0.0).to(torch.float64),
         state.cost,
         None,
         state.log_reference[:n],

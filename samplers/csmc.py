@@ -399,12 +399,13 @@ def record(state: PGState) -> ChainRecord:
 
 
 def pg_result(state: PGState) -> SampleSet:
-    """The final state of every chain (equally weighted)."""
-    c = len(state.sequences)
+    """The final state of every chain (equally weighted); a chain still in a state of zero
+    target density (it never found the support) is a failed draw (log-weight ``-inf``)."""
     reward = None if state.target.reward is None else state.reward
+    failed = torch.isneginf(state.log_tilt) | torch.isneginf(state.log_reference)
     return SampleSet(
         list(state.sequences),
-        torch.zeros(c, dtype=torch.float64),
+        torch.where(failed, -math.inf, 0.0).to(torch.float64),
         state.cost,
         reward,
         state.log_reference,

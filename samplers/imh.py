@@ -153,10 +153,12 @@ def record(state: IMHState) -> ChainRecord:
 
 
 def result(state: IMHState) -> SampleSet:
-    n = len(state.sequences)
+    # a chain still in a state of zero target density (no proposal of positive weight was ever
+    # accepted) has not produced a draw: it is marked failed (log-weight -inf)
+    failed = torch.isneginf(state.log_weight)
     return SampleSet(
         list(state.sequences),
-        torch.zeros(n, dtype=torch.float64),
+        torch.where(failed, -math.inf, 0.0).to(torch.float64),
         state.cost,
         state.reward,
         state.log_reference,

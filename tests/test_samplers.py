@@ -197,3 +197,42 @@ def test_imh_kernel_is_exact_on_a_two_state_target() -> None:
     moves = sum(1 for a, b in zip(start.sequences, trace.final(), strict=True) if a != b)
     p_move = sum(float(q[i] * kernel[i, 1 - i]) for i in range(2))
     assert abs(moves / 400 - p_move) < 4 * math.sqrt(p_move * (1 - p_move) / 400)
+
+
+# ---------------------------------------------------------------- zero-mass targets: one rule
+#: Samplers that cannot return any draw of a zero-mass target and raise instead.
+RAISE_ON_ZERO_MASS = {"exact", "csmc"}
+#: Samplers whose draws are not aimed at pi: ``ancestral`` draws p_ref by definition.
+NOT_TARGETING_PI = {"ancestral"}
+
+
+@pytest.mark.parametrize("truncation", ["stop", "condition"])
+@pytest.mark.parametrize("name", sorted(PARAMS))
+def test_zero_mass_target_fails_loudly(name: str, truncation: str) -> None:
+    """A target with no sequence of positive mass never yields silent draws: every sampler raises
+    "zero total mass" or flags every draw failed (log-weight -inf, meta['failed'] = n)."""
+    policy = random_tabular(torch.Generator().manual_seed(0), vocab_size=3, max_len=3)
+    target = tiltsample.TiltedTarget(
+        policy, ConstraintReward(lambda x: False), lam=1.0, max_new_tokens=3, truncation=truncation
+    )
+    params = dict(PARAMS[name])
+    if name == "beam":
+        params["num_beams"] = 4
+    if name in RAISE_ON_ZERO_MASS:
+        with pytest.raises(ValueError, match="zero total mass"):
+            tiltsample.sample(name, target, 4, seed=0, **params)
+        return
+    out = tiltsample.sample(name, target, 4, seed=0, **params)
+    if name in NOT_TARGETING_PI:
+        assert out.meta["failed"] == 0
+        return
+    assert out.meta["failed"] == 4, f"{name}: {out.meta['failed']} of 4 draws flagged failed"
+    assert bool(torch.isneginf(out.log_weights).all())
+    assert out.log_evidence is None or out.log_evidence == -math.inf
+
+
+@pytest.mark.parametrize("name", sorted(PARAMS))
+def test_failed_count_is_always_reported(name: str) -> None:
+    target = tabular_toy()
+    out = tiltsample.sample(name, target, 2 if name == "beam" else 4, seed=1, **PARAMS[name])
+    assert out.meta["failed"] == int(torch.isneginf(out.log_weights).sum())

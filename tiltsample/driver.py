@@ -45,6 +45,24 @@ def _progress(total: int | None, enabled: bool | None, desc: str) -> Any:
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
 
 
+def mark_failed(out: SampleSet) -> None:
+    """Record ``meta["failed"]``: the number of draws with log-weight ``-inf``.
+
+    The rule every sampler follows (tested over all registered samplers): a draw without target
+    mass — every candidate violated a constraint, a chain never left a zero-density state, a
+    particle system whose weights all vanished — is returned with log-weight ``-inf``; a sampler
+    that cannot return draws at all (``exact``, ``csmc``) raises ``ValueError`` ("zero total
+    mass"). Nothing is silently re-weighted. A count the sampler reports itself must agree.
+    """
+    count = int(torch.isneginf(out.log_weights).sum())
+    reported = out.meta.get("failed")
+    if reported is not None and int(reported) != count:
+        raise RuntimeError(
+            f"sampler reported failed={reported} but {count} draws have log-weight -inf"
+        )
+    out.meta["failed"] = count
+
+
 def sample(
     name_or_algorithm: str | SamplingAlgorithm,
     target: TiltedTarget,
@@ -82,6 +100,7 @@ def sample(
             state, _info = algorithm.step(gen, state)
             bar.update(1)
     out = algorithm.result(state)
+    mark_failed(out)
     out.meta.setdefault("sampler", algorithm.name)
     out.meta.setdefault("params", dict(algorithm.params))
     if used_seed is not None:
