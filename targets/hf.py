@@ -45,6 +45,7 @@ import math
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -52,7 +53,13 @@ import torch
 from torch import Tensor
 
 from tiltsample import validation
-from tiltsample.decoding import sample_categorical, seqs_to_rows, tempered_logprobs
+from tiltsample.decoding import (
+    decode_until_complete,
+    rows_to_seqs,
+    sample_categorical,
+    seqs_to_rows,
+    tempered_logprobs,
+)
 from tiltsample.diffusion import block_positions, block_quota, check_step
 from tiltsample.policy import check_token_block
 from tiltsample.targets import hf_compat
@@ -450,28 +457,16 @@ class HFPolicy:
             if top_p == 0.0:
                 raise ValueError("top_p must lie in (0, 1], got 0")
         session = self.session(prompt, num)
-        live = torch.ones(num, dtype=torch.bool)
-        log_p = torch.zeros(num, dtype=torch.float64)
-        log_q = torch.zeros(num, dtype=torch.float64)
-        generated = 0
-        for _ in range(max_new_tokens):
-            if not bool(live.any()):
-                break
-            lp = session.logprobs()
-            lq = filtered_logprobs(lp, temperature=temperature, top_k=top_k, top_p=top_p)
-            tok = sample_categorical(generator, lq)
-            tok = torch.where(live, tok, torch.full_like(tok, self._eos))
-            log_p += torch.where(live, lp.gather(1, tok[:, None]).squeeze(1), 0.0)
-            log_q += torch.where(live, lq.gather(1, tok[:, None]).squeeze(1), 0.0)
-            generated += int(live.sum())
-            session.extend(tok)
-            live = live & (tok != self._eos)
-        seqs: list[Seq] = []
-        for row in session.tokens().tolist():
-            if self._eos in row:
-                row = row[: row.index(self._eos) + 1]
-            seqs.append(tuple(row))
-        return Generated(seqs, log_p, log_q, session.cost + Cost(generated_tokens=generated))
+        out = decode_until_complete(
+            session,
+            generator,
+            eos_id=self._eos,
+            max_length=max_new_tokens,
+            proposal=partial(filtered_logprobs, temperature=temperature, top_k=top_k, top_p=top_p),
+        )
+        seqs = rows_to_seqs(out.tokens, self._eos)
+        cost = session.cost + Cost(generated_tokens=out.generated_tokens)
+        return Generated(seqs, out.log_p, out.log_q, cost)
 
 
 def _pad_columns(t: Tensor, width: int) -> Tensor:

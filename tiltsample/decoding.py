@@ -9,7 +9,7 @@ from, so that importance weights ``p/q`` are exact.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -107,6 +107,7 @@ def decode_until_complete(
     force_eos_at_cap: bool = False,
     max_new: int | None = None,
     record_entropy: bool = False,
+    proposal: Callable[[Tensor], Tensor] | None = None,
 ) -> Decoded:
     """Extend every row of ``session`` until EOS, ``max_length`` total tokens, or ``max_new`` new.
 
@@ -131,6 +132,11 @@ def decode_until_complete(
         Also return :attr:`Decoded.token_entropy`, the entropy ``H(p(. | x_<t))`` of the
         temperature-1 law at every new position (e.g. for entropy-jump cut laws); draws from
         ``generator`` are the same either way.
+    proposal
+        The sampled law as a function of the temperature-1 log-probs ``[B, V]`` (normalised
+        log-probs out), e.g. a top-k / top-p filter; default ``softmax(log p / temperature)``.
+        ``temperature`` is ignored when it is given. ``log q`` is recorded under it, so
+        ``log p - log q`` stays an exact importance log-weight.
     """
     batch = session.batch_size
     start = session.length
@@ -155,7 +161,9 @@ def decode_until_complete(
             tok = torch.full((batch,), eos_id, dtype=torch.long)
             lq = torch.zeros(batch, dtype=torch.float64)
         else:
-            log_q_all = tempered_logprobs(log_p, temperature)
+            log_q_all = (
+                tempered_logprobs(log_p, temperature) if proposal is None else proposal(log_p)
+            )
             tok = sample_categorical(generator, log_q_all)
             lq = log_q_all.gather(1, tok[:, None]).squeeze(1)
         lp = log_p.gather(1, tok[:, None]).squeeze(1)
