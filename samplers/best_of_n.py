@@ -1,4 +1,4 @@
-r"""Best-of-N: argmax of the tilt, or one SIR draw among N candidates (soft best-of-N).
+r"""Best-of-N: one SIR draw among N candidates (soft best-of-N; default) or the tilt's argmax.
 
 For each output, draw ``M = num_candidates`` complete responses ``x_1..x_M ~ q_tau`` (``p_ref`` at
 ``temperature``; ``tau = 1`` by default) and compute importance weights

@@ -3,17 +3,24 @@
 Every reward follows the :class:`~tiltsample.reward.Reward` protocol:
 ``reward(prompt, xs) -> Tensor[B]`` (float64), deterministic and stateless. Responses include their
 final EOS; the rewards below look only at the *content* (the tokens before EOS) unless stated.
+The code-execution reward lives in :mod:`tiltsample.targets.sandbox` and is re-exported here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from tiltsample.target import LogProbReward
+from tiltsample.targets.sandbox import (
+    CodeExecutionReward,
+    ExecutionResult,
+    SandboxUnavailableError,
+    sandbox_status,
+)
 from tiltsample.types import Seq
 
 __all__ = [
@@ -27,10 +34,12 @@ __all__ = [
     "LogProbReward",
     "ParityReward",
     "RewardModelReward",
+    "SandboxUnavailableError",
     "SelfConsistencyReward",
     "TableReward",
     "content",
     "majority_vote",
+    "sandbox_status",
 ]
 
 
@@ -375,292 +384,3 @@ class RewardModelReward:
 
     def __repr__(self) -> str:
         return f"RewardModelReward(label={self.label}, transform={self.transform!r})"
-
-
-# ============================================================================================
-# Sandboxed code execution
-# ============================================================================================
-#: Trusted launcher run as ``python -I -S -c _LAUNCHER <code-file> <limits-json>`` in the child.
-#: It tightens the process before it executes the untrusted code: resource limits, a private
-#: network namespace (when the kernel allows it), dropping root to ``nobody``, and an audit hook
-#: that refuses sockets, process creation, native-code loading and file changes outside the
-#: working directory.
-_LAUNCHER = r"""
-import json, os, resource, sys
-code_path, limits = sys.argv[1], json.loads(sys.argv[2])
-work = os.path.realpath(os.getcwd())
-mem = limits["memory_bytes"]
-resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-resource.setrlimit(resource.RLIMIT_DATA, (mem, mem))
-cpu = limits["cpu_seconds"]
-resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-fsize = limits["file_bytes"]
-resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
-resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
-status = {"network_namespace": False, "dropped_root": False}
-try:
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    flags = 0x40000000 if os.geteuid() == 0 else (0x40000000 | 0x10000000)
-    status["network_namespace"] = libc.unshare(flags) == 0
-    del ctypes, libc
-    sys.modules.pop("ctypes", None)
-except Exception:
-    pass
-import math, re, collections, itertools, functools, heapq, bisect, string, random, operator
-import statistics, fractions, decimal, typing, dataclasses, copy, array, enum, socket
-def world_readable(path):
-    path = os.path.realpath(path)
-    while True:
-        if os.stat(path).st_mode & 0o005 != 0o005:
-            return False
-        parent = os.path.dirname(path)
-        if parent == path:
-            return True
-        path = parent
-if os.geteuid() == 0 and world_readable(os.path.dirname(os.__file__)):
-    try:
-        os.chown(work, 65534, 65534)
-        os.setgroups([])
-        os.setgid(65534)
-        os.setuid(65534)
-        status["dropped_root"] = True
-    except OSError:
-        pass
-if limits.get("require_network_namespace") and not status["network_namespace"]:
-    sys.stderr.write("sandbox: network namespace unavailable\n")
-    os._exit(97)
-sys.stderr.write("sandbox-status " + json.dumps(status) + "\n")
-sys.stderr.flush()
-code = open(code_path).read()
-WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-BLOCKED = {
-    "socket.__new__": "network access", "socket.connect": "network access",
-    "socket.bind": "network access", "socket.getaddrinfo": "network access",
-    "os.fork": "process creation", "os.forkpty": "process creation",
-    "os.system": "process creation", "os.exec": "process creation",
-    "os.posix_spawn": "process creation", "os.spawn": "process creation",
-    "subprocess.Popen": "process creation", "os.kill": "signals", "os.killpg": "signals",
-    "ctypes.dlopen": "native code", "ctypes.dlsym": "native code", "ctypes.cdata": "native code",
-    "os.chdir": "changing directory", "os.chroot": "changing root",
-    "os.setuid": "privileges", "os.setgid": "privileges",
-}
-PATH_EVENTS = {"os.remove", "os.rename", "os.mkdir", "os.rmdir", "os.symlink", "os.link",
-               "os.chmod", "os.chown", "os.truncate", "os.utime", "shutil.rmtree"}
-NO_IMPORT = {"ctypes", "_ctypes", "_posixsubprocess", "multiprocessing", "_multiprocessing"}
-def inside(path):
-    try:
-        p = os.path.realpath(os.fsdecode(path))
-    except Exception:
-        return False
-    return p == work or p.startswith(work + os.sep)
-def hook(event, args):
-    if event in BLOCKED:
-        raise PermissionError(f"sandbox: {BLOCKED[event]} is not allowed ({event})")
-    if event == "import" and args and str(args[0]).split(".")[0] in NO_IMPORT:
-        what = f"import {args[0]}"
-        raise PermissionError(f"sandbox: native code / processes are not allowed ({what})")
-    if event == "open":
-        path, mode, flags = (list(args) + [None, None, None])[:3]
-        writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
-            isinstance(flags, int) and flags & WRITE)
-        if writing and not isinstance(path, int) and not inside(path):
-            raise PermissionError(f"sandbox: writing outside the working directory ({path!r})")
-    elif event in PATH_EVENTS:
-        for a in args[:2]:
-            if isinstance(a, (str, bytes, os.PathLike)) and not inside(a):
-                what = f"outside the working directory ({event} {a!r})"
-                raise PermissionError(f"sandbox: changing files {what}")
-sys.addaudithook(hook)
-del json, resource
-glb = {"__name__": "__main__", "__builtins__": __builtins__}
-exec(compile(code, "<generated>", "exec"), glb)
-"""
-
-
-class ExecutionResult(NamedTuple):
-    """What one sandboxed run produced."""
-
-    reward: float
-    reason: str
-    """``"passed"``, ``"failed: ..."``, ``"wall-clock limit ..."``, ``"memory limit"``,
-    ``"blocked: ..."``, ``"cpu limit"``, ``"no code"`` ..."""
-    returncode: int | None
-    stdout: str
-    stderr: str
-    seconds: float
-    isolation: dict[str, bool]
-    """Kernel-level layers that were active: ``network_namespace``, ``dropped_root``."""
-
-
-class CodeExecutionReward:
-    r"""Runs generated code with tests in a sandboxed subprocess: ``1`` if it exits cleanly.
-
-    The program is ``extract(x)`` followed by ``tests(prompt)`` (e.g. ``assert`` statements), run by
-    ``python -I -S`` in a throw-away working directory. Reward ``1.0`` when it exits with status 0
-    within the limits, else ``0.0``; :meth:`evaluate` also returns the reason.
-
-    Containment (layered; the run never touches the parent process):
-
-    * **wall clock**: killed (whole process group) after ``timeout`` seconds;
-    * **memory**: ``RLIMIT_AS`` / ``RLIMIT_DATA`` = ``memory_mb`` (a 10 GB allocation raises
-      ``MemoryError``); ``RLIMIT_CPU``, ``RLIMIT_FSIZE``, ``RLIMIT_NOFILE``, no core dumps;
-    * **processes**: ``RLIMIT_NPROC = 0`` and an audit hook refusing ``fork`` / ``exec`` /
-      ``subprocess`` / ``posix_spawn`` / ``os.system`` (a fork bomb stops at its first fork);
-    * **network**: a private network namespace when the kernel allows it (no interface but a
-      down loopback), and the audit hook refuses socket creation in any case;
-    * **files**: the working directory is a fresh temporary folder, deleted afterwards; the audit
-      hook refuses opening for writing, removing, renaming, ... anything outside it; when started
-      as root the child drops to ``nobody`` (uid 65534) after setting up, so file permissions apply
-      too. ``ctypes`` and native-library loading are refused (they would bypass the hook).
-
-    Audit hooks are a best-effort layer, not a kernel boundary; the kernel-level layers are the
-    resource limits, the network namespace and the privilege drop. For hostile code at scale use a
-    container or VM runner with the same interface.
-
-    Parameters
-    ----------
-    extract
-        ``extract(x) -> str | None``: the program text of a response (None: reward 0, "no code").
-    tests
-        ``tests(prompt) -> str``: code appended after the program (default: nothing).
-    timeout
-        Wall-clock limit in seconds.
-    memory_mb
-        Address-space limit.
-    max_workers
-        Concurrent subprocesses when scoring a batch.
-    python
-        The interpreter (default: this one).
-    """
-
-    def __init__(
-        self,
-        extract: Callable[[Seq], str | None],
-        tests: Callable[[Seq], str] | None = None,
-        *,
-        timeout: float = 5.0,
-        memory_mb: int = 512,
-        file_mb: int = 16,
-        max_workers: int = 2,
-        python: str | None = None,
-        require_network_namespace: bool = False,
-    ) -> None:
-        import math
-        import sys
-
-        if not callable(extract):
-            raise TypeError("extract must be callable as extract(x) -> str | None")
-        if tests is not None and not callable(tests):
-            raise TypeError("tests must be callable as tests(prompt) -> str")
-        if (
-            isinstance(timeout, bool)
-            or not isinstance(timeout, int | float)
-            or not (math.isfinite(timeout) and timeout > 0)
-        ):
-            raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
-        for name, value, least in (("memory_mb", memory_mb, 16), ("file_mb", file_mb, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
-        if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
-            raise ValueError(f"max_workers must be an int >= 1, got {max_workers!r}")
-        self.extract, self.tests = extract, tests
-        self.timeout = float(timeout)
-        self.memory_mb, self.file_mb = memory_mb, file_mb
-        self.max_workers = max_workers
-        self.python = python or sys.executable
-        self.require_network_namespace = bool(require_network_namespace)
-
-    def __call__(self, prompt: Seq, xs: Sequence[Seq]) -> Tensor:
-        return torch.tensor([r.reward for r in self.evaluate(prompt, xs)], dtype=torch.float64)
-
-    def evaluate(self, prompt: Seq, xs: Sequence[Seq]) -> list[ExecutionResult]:
-        """Run every response; results in input order."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        suffix = self.tests(tuple(prompt)) if self.tests is not None else ""
-        programs = []
-        for x in xs:
-            code = self.extract(tuple(x))
-            programs.append(None if code is None else code + "\n" + suffix)
-        if self.max_workers == 1 or len(programs) <= 1:
-            return [self.run(p) for p in programs]
-        with ThreadPoolExecutor(self.max_workers) as pool:
-            return list(pool.map(self.run, programs))
-
-    def run(self, program: str | None) -> ExecutionResult:
-        """Run one program in the sandbox."""
-        import contextlib
-        import json
-        import os
-        import shutil
-        import signal
-        import subprocess
-        import tempfile
-        import time
-
-        if program is None:
-            return ExecutionResult(0.0, "no code", None, "", "", 0.0, {})
-        work = tempfile.mkdtemp(prefix="tiltsample-sandbox-")
-        limits = {
-            "memory_bytes": self.memory_mb * 2**20,
-            "cpu_seconds": max(1, int(self.timeout) + 1),
-            "file_bytes": self.file_mb * 2**20,
-            "require_network_namespace": self.require_network_namespace,
-        }
-        code_path = os.path.join(work, "program.py")
-        with open(code_path, "w") as f:
-            f.write(program)
-        os.chmod(work, 0o777)
-        os.chmod(code_path, 0o644)
-        env = {"PATH": "/usr/bin:/bin", "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
-        start = time.perf_counter()
-        proc = subprocess.Popen(
-            [self.python, "-I", "-S", "-c", _LAUNCHER, code_path, json.dumps(limits)],
-            cwd=work,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-            text=True,
-        )
-        timed_out = False
-        try:
-            out, err = proc.communicate(timeout=self.timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate()
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        seconds = time.perf_counter() - start
-        code = proc.returncode
-        isolation: dict[str, bool] = {}
-        if err.startswith("sandbox-status "):
-            first, _, err = err.partition("\n")
-            isolation = json.loads(first.split(" ", 1)[1])
-        out, err = out[-4000:], err[-4000:]
-        if timed_out:
-            reason = f"wall-clock limit ({self.timeout:g} s) exceeded"
-        elif code == 0:
-            return ExecutionResult(1.0, "passed", code, out, err, seconds, isolation)
-        elif "sandbox:" in err:
-            line = next(ln for ln in err.splitlines()[::-1] if "sandbox:" in ln)
-            reason = "blocked: " + line.split("sandbox:", 1)[1].strip()
-        elif "MemoryError" in err:
-            reason = f"memory limit ({self.memory_mb} MB)"
-        elif code is not None and code < 0:
-            sig = -code
-            name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else sig
-            reason = "cpu limit" if sig == signal.SIGXCPU else f"killed by signal {name}"
-        else:
-            tail = err.strip().splitlines()[-1] if err.strip() else f"exit status {code}"
-            reason = f"failed: {tail}"
-        return ExecutionResult(0.0, reason, code, out, err, seconds, isolation)
-
-    def __repr__(self) -> str:
-        return f"CodeExecutionReward(timeout={self.timeout:g}s, memory={self.memory_mb}MB)"

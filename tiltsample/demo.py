@@ -10,14 +10,29 @@ every baseline sampler, prints TV to the target beside the i.i.d. noise floor an
 shows the power-vs-low-temperature example, and writes ``results/demo.json`` and the figure
 ``results/demo_sir_tv.png`` (TV of soft best-of-N vs the number of candidates ``M``: exact output
 law, measured draws, noise floor).
+
+``best-of-n`` appears twice: the ``SIR M=…`` rows are its default, ``selection="softmax"`` (one
+sampling-importance-resampling draw among ``M`` candidates, whose law tends to ``pi`` as ``M``
+grows); the ``argmax M=16`` row is ``selection="argmax"`` (the highest-tilt candidate, which does
+not target ``pi``).
+
+``tv_exact_law`` is the TV between the sampler's exact output law and ``pi``: ``exact`` draws
+from ``pi`` itself (0); ancestral, argmax and SIR use :mod:`tiltsample.theory.laws`; IMH uses the
+law after its ``num_steps`` steps from the exact transition matrix (:func:`imh_law`). Importance
+sampling returns a *weighted* sample, not draws of one output law, so it has none: the table shows
+``—`` with a footnote and ``demo.json`` has ``null``.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+NO_LAW = "—"
+"""Shown in the table where a sampler has no single output law (``null`` in ``demo.json``)."""
 
 
 def run_demo(out_dir: str = "results", num_samples: int = 4000, seed: int = 0) -> dict[str, Any]:
@@ -44,7 +59,7 @@ def run_demo(out_dir: str = "results", num_samples: int = 4000, seed: int = 0) -
     print(f"support: {len(exact.support)} responses, log Z = {exact.log_z:.4f}\n")
 
     runs: list[tuple[str, str, dict[str, Any], Any]] = [
-        ("exact", "exact", {}, None),
+        ("exact", "exact", {}, lambda: pi),
         ("ancestral", "ancestral", {}, lambda: ancestral_law(target)),
         ("ancestral", "ancestral τ=0.5", {"temperature": 0.5}, lambda: ancestral_law(target, 0.5)),
         ("importance", "importance", {}, None),
@@ -64,7 +79,9 @@ def run_demo(out_dir: str = "results", num_samples: int = 4000, seed: int = 0) -
                 lambda m=m: sir_law(target, m),
             )
         )
-    runs.append(("imh", "IMH 30 steps", {"num_steps": 30}, None))
+    runs.append(
+        ("imh", "IMH 30 steps", {"num_steps": 30}, lambda: imh_law(ancestral_law(target), pi, 30))
+    )
 
     rows: list[dict[str, Any]] = []
     for name, label, params, law_fn in runs:
@@ -75,7 +92,7 @@ def run_demo(out_dir: str = "results", num_samples: int = 4000, seed: int = 0) -
             "sampler": label,
             "tv_draws": tv(res.empirical(), pi),
             "tv_floor": floor,
-            "tv_exact_law": tv(law_fn(), pi) if law_fn else float("nan"),
+            "tv_exact_law": tv(law_fn(), pi) if law_fn else None,
             "mean_reward": exact_expected_reward(target, res),
             "gen_tok/draw": res.cost.generated_tokens / num_samples,
             "reward/draw": res.cost.reward_calls / num_samples,
@@ -84,7 +101,14 @@ def run_demo(out_dir: str = "results", num_samples: int = 4000, seed: int = 0) -
         rows.append(row)
     beam = tiltsample.sample("beam", target, 1, seed=seed, num_beams=8)
     mode = max(pi, key=pi.__getitem__)
-    print(format_table(rows, list(rows[0])))
+    shown = [{k: NO_LAW if v is None else v for k, v in row.items()} for row in rows]
+    print(format_table(shown, list(rows[0])))
+    print(
+        f"{NO_LAW} no output law: importance sampling returns a weighted sample (tv_draws uses"
+        " its weights)\n"
+        'best-of-n rows: "SIR M" is its default, selection="softmax" (soft best-of-N; its law'
+        ' tends to pi as M grows);\n"argmax M=16" is selection="argmax" (does not target pi)'
+    )
     print(
         f"\nbeam search (8 beams) returns {beam.sequences[0]} "
         f"with pi = {pi.get(beam.sequences[0], 0):.4f};"
@@ -121,6 +145,31 @@ def run_demo(out_dir: str = "results", num_samples: int = 4000, seed: int = 0) -
     (out / "demo.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"\nwrote {out / 'demo.json'} and {figure}")
     return summary
+
+
+def imh_law(q: Mapping[Any, float], pi: Mapping[Any, float], steps: int) -> dict[Any, float]:
+    r"""Exact law of independence MH after ``steps`` steps from a draw of the proposal ``q``.
+
+    The kernel of :mod:`tiltsample.samplers.imh`: from ``x`` propose ``y ~ q`` and accept with
+    probability ``min(1, w(y)/w(x))``, ``w = pi/q`` (a state of weight zero is left at the first
+    proposal of positive weight). One dense ``|support|²`` matrix: toys only.
+    """
+    import numpy as np
+
+    states = list(q)
+    qv = np.array([q[x] for x in states], dtype=np.float64)
+    qv = qv / qv.sum()
+    w = np.array([pi.get(x, 0.0) for x in states], dtype=np.float64) / np.where(qv > 0, qv, 1.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = w[None, :] / w[:, None]
+    accept = np.where(w[:, None] > 0, np.minimum(1.0, ratio), (w[None, :] > 0).astype(float))
+    kernel = qv[None, :] * np.nan_to_num(accept, nan=0.0)
+    np.fill_diagonal(kernel, 0.0)
+    np.fill_diagonal(kernel, 1.0 - kernel.sum(axis=1))
+    law = qv
+    for _ in range(steps):
+        law = law @ kernel
+    return {x: float(p) for x, p in zip(states, law, strict=True) if p > 0}
 
 
 def _rewards(target: Any, seqs: list[Any]) -> Any:

@@ -94,7 +94,8 @@ register_sampler("exact", f"{_S}.exact:sampler", "exact i.i.d. draws from an enu
 register_sampler(
     "best-of-n",
     f"{_S}.best_of_n:sampler",
-    "best-of-N: argmax of the tilt, or one SIR draw ∝ weights (selection='softmax')",
+    "best-of-N: one SIR draw among N candidates (default, selection='softmax') or the argmax "
+    "of the tilt (selection='argmax')",
 )
 register_sampler(
     "beam", f"{_S}.beam:sampler", "beam search on prefix log-density (+ optional prefix potential)"
