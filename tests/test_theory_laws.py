@@ -396,3 +396,18 @@ def test_ancestral_sampler_follows_ancestral_law() -> None:
     target = make_target(5, 3, 4, "condition", dead_ends=True)
     samples = tiltsample.sample("ancestral", target, 20_000, seed=13, temperature=0.7)
     assert_sample_follows(samples, ancestral_law(target, 0.7))
+
+
+def test_imh_law_starts_at_q_and_obeys_the_mengersen_tweedie_bound() -> None:
+    """Exact IMH law: step 0 is the proposal; TV to pi <= (1 - 1/w*)^n at every n; -> pi."""
+    from tiltsample.targets.toys import tabular_toy
+    from tiltsample.theory import ancestral_law, exact_distribution, imh_law, tv
+
+    target = tabular_toy(seed=0)
+    q = ancestral_law(target)
+    pi = exact_distribution(target).as_dict()
+    assert tv(imh_law(q, pi, 0), q) < 1e-12
+    w_star = max(p / q[x] for x, p in pi.items())
+    for n in (1, 2, 5, 10, 30):
+        assert tv(imh_law(q, pi, n), pi) <= (1.0 - 1.0 / w_star) ** n + 1e-12
+    assert tv(imh_law(q, pi, 400), pi) < 1e-9

@@ -27,6 +27,7 @@ returned **conditional on success**. The ``*_bruteforce`` versions enumerate eve
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
@@ -377,3 +378,31 @@ def best_of_n_law_bruteforce(
     out.index_add_(0, winners, torch.exp(log_tuple))
     out = out / out.sum()
     return {x: p for x, p in zip(prop.support, out.tolist(), strict=True) if p > 0.0}
+
+
+def imh_law(q: Mapping[Seq, float], pi: Mapping[Seq, float], steps: int) -> dict[Seq, float]:
+    r"""Exact law of independence MH after ``steps`` steps from a draw of the proposal ``q``.
+
+    The kernel of :mod:`tiltsample.samplers.imh`: from ``x`` propose ``y ~ q`` and accept with
+    probability ``min(1, w(y)/w(x))``, ``w = pi/q`` (a state of weight zero is left at the first
+    proposal of positive weight). One dense ``|support|²`` matrix: toys only. ``q`` is the
+    proposal law (:func:`ancestral_law` at the sampler's temperature) and ``pi`` the target law;
+    ``pi`` must be supported inside ``q``. Mengersen & Tweedie (1996):
+    ``TV(law_n, pi) <= (1 - 1/w*)^n`` with ``w* = max_x pi(x)/q(x)``.
+    """
+    import numpy as np
+
+    states = list(q)
+    qv = np.array([q[x] for x in states], dtype=np.float64)
+    qv = qv / qv.sum()
+    w = np.array([pi.get(x, 0.0) for x in states], dtype=np.float64) / np.where(qv > 0, qv, 1.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = w[None, :] / w[:, None]
+    accept = np.where(w[:, None] > 0, np.minimum(1.0, ratio), (w[None, :] > 0).astype(float))
+    kernel = qv[None, :] * np.nan_to_num(accept, nan=0.0)
+    np.fill_diagonal(kernel, 0.0)
+    np.fill_diagonal(kernel, 1.0 - kernel.sum(axis=1))
+    law = qv
+    for _ in range(steps):
+        law = law @ kernel
+    return {x: float(p) for x, p in zip(states, law, strict=True) if p > 0}

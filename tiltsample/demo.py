@@ -18,7 +18,8 @@ not target ``pi``).
 
 ``tv_exact_law`` is the TV between the sampler's exact output law and ``pi``: ``exact`` draws
 from ``pi`` itself (0); ancestral, argmax and SIR use :mod:`tiltsample.theory.laws`; IMH uses the
-law after its ``num_steps`` steps from the exact transition matrix (:func:`imh_law`). Importance
+law after its ``num_steps`` steps from the exact transition matrix
+(:func:`tiltsample.theory.imh_law`). Importance
 sampling returns a *weighted* sample, not draws of one output law, so it has none: the table shows
 ``—`` with a footnote and ``demo.json`` has ``null``.
 """
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ def run_demo(out_dir: str = "results", num_samples: int = 4000, seed: int = 0) -
         best_of_n_law,
         exact_distribution,
         expected_tv_iid,
+        imh_law,
         sir_law,
         tv,
     )
@@ -145,31 +146,6 @@ def run_demo(out_dir: str = "results", num_samples: int = 4000, seed: int = 0) -
     (out / "demo.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"\nwrote {out / 'demo.json'} and {figure}")
     return summary
-
-
-def imh_law(q: Mapping[Any, float], pi: Mapping[Any, float], steps: int) -> dict[Any, float]:
-    r"""Exact law of independence MH after ``steps`` steps from a draw of the proposal ``q``.
-
-    The kernel of :mod:`tiltsample.samplers.imh`: from ``x`` propose ``y ~ q`` and accept with
-    probability ``min(1, w(y)/w(x))``, ``w = pi/q`` (a state of weight zero is left at the first
-    proposal of positive weight). One dense ``|support|²`` matrix: toys only.
-    """
-    import numpy as np
-
-    states = list(q)
-    qv = np.array([q[x] for x in states], dtype=np.float64)
-    qv = qv / qv.sum()
-    w = np.array([pi.get(x, 0.0) for x in states], dtype=np.float64) / np.where(qv > 0, qv, 1.0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = w[None, :] / w[:, None]
-    accept = np.where(w[:, None] > 0, np.minimum(1.0, ratio), (w[None, :] > 0).astype(float))
-    kernel = qv[None, :] * np.nan_to_num(accept, nan=0.0)
-    np.fill_diagonal(kernel, 0.0)
-    np.fill_diagonal(kernel, 1.0 - kernel.sum(axis=1))
-    law = qv
-    for _ in range(steps):
-        law = law @ kernel
-    return {x: float(p) for x, p in zip(states, law, strict=True) if p > 0}
 
 
 def _rewards(target: Any, seqs: list[Any]) -> Any:
