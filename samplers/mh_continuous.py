@@ -117,7 +117,7 @@ class _Continuous:
     later cut keeps it), so the policy is never asked for a law past the cap.
 
     Each chain draws all its randomness (tokens, acceptance, cuts — in that order, by inverse
-    CDF) from its own ``torch.Generator`` seeded with :func:`tiltsample.records.chunk_seed` of a
+    CDF) from its own ``torch.Generator`` seeded with :func:`tiltsample.seeds.chunk_seed` of a
     base seed and its index, so a chain's trajectory does not depend on how the ticks interleave
     the chains (exactly so for policies whose log-probs do not depend on the batch).
     """
@@ -130,7 +130,7 @@ class _Continuous:
         base_seed: int,
         cfg: MHConfig,
     ) -> None:
-        from tiltsample.records import chunk_seed
+        from tiltsample.seeds import chunk_seed
 
         target = targets[0]
         self.targets, self.parts_all, self.cfg = targets, parts_all, cfg

@@ -12,7 +12,7 @@ import torch
 
 import tiltsample
 from tiltsample import validation
-from tiltsample.compare import run_compare
+from tiltsample.app.compare import run_compare
 from tiltsample.targets.rewards import ContainsTokenReward
 from tiltsample.targets.tabular import random_tabular
 

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tiltsample.cli import main
-from tiltsample.records import RunFile, chunk_seed
+from tiltsample.app.cli import main
+from tiltsample.app.store import RunFile
+from tiltsample.seeds import chunk_seed
 
 
 def test_list_shows_samplers_and_targets(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,6 +1,6 @@
 """The CLI never prints a traceback for a user's mistake (docs/errors.md is this table).
 
-Every case runs ``tiltsample.cli.main`` in-process and asserts exit status 2, exactly one line
+Every case runs ``tiltsample.app.cli.main`` in-process and asserts exit status 2, exactly one line
 on stderr of the form ``tiltsample <command>: error: <message>``, that the message names the
 parameter (and, where useful, the allowed values), and that no traceback is printed. Runtime
 failures exit 1 with one line and a hint to rerun with ``--debug``, which shows the traceback.
@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from tiltsample import cli
-from tiltsample.cli import main
+from tiltsample.app import cli
+from tiltsample.app.cli import main
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
 

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import torch
 
-from tiltsample import cli
-from tiltsample.compare import (
+from tiltsample.app import cli
+from tiltsample.app.compare import (
     PROFILES,
     RECIPES,
     available_recipes,
@@ -164,7 +164,7 @@ def test_demo_profile_end_to_end_and_interrupted_resume(
 ) -> None:
     """The ``make demo`` profile (every registered recipe) on two problems, interrupted after a
     few cells: the rerun does only the missing cells and no record is duplicated."""
-    import tiltsample.compare as compare
+    import tiltsample.app.compare as compare
 
     kw: dict[str, Any] = {
         "profile": "demo",
@@ -205,7 +205,7 @@ def test_demo_profile_end_to_end_and_interrupted_resume(
 
 def test_masked_diffusion_recipes(tmp_path: Path) -> None:
     """The optional arith-dlm recipes run by label only, and are matched by generated tokens."""
-    from tiltsample.compare import DLM_RECIPES
+    from tiltsample.app.compare import DLM_RECIPES
 
     default, _ = available_recipes()
     assert not {r.label for r in default} & {r.label for r in DLM_RECIPES}

@@ -611,7 +611,7 @@ def test_cli_runs_ets_on_toy_targets() -> None:
         "registry.register_sampler('ets', 'tiltsample.samplers.ets:sampler', 'ETS')\n"
         "registry.register_target('masked-diffusion', "
         "'tiltsample.targets.masked_diffusion:masked_diffusion_toy', 'toy')\n"
-        "from tiltsample.cli import main\n"
+        "from tiltsample.app.cli import main\n"
         "args = ['sample', 'ets', '-n', '200', '--no-progress', '-p', 'num_candidates=4', "
         "'-p', 'num_rollouts=2', '-p', 'block_size=2', '--target-opt', 'max_len=4']\n"
         "assert main(args) == 0\n"

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from tiltsample.cli import main
-from tiltsample.records import RunFile, RunFileError
+from tiltsample.app.cli import main
+from tiltsample.app.store import RunFile, RunFileError
 
 HEADER: dict[str, Any] = {"run": "test", "n": 6}
 SIZES = [2, 2, 2]

@@ -232,7 +232,7 @@ def test_train_config_validation() -> None:
 
 
 def test_cli_train_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from tiltsample.cli import main
+    from tiltsample.app.cli import main
 
     out = tmp_path / "m"
     argv = ["train-tiny", "--model", "tiny-ar", "--out", str(out), "--no-progress"]

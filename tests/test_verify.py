@@ -56,7 +56,7 @@ def test_unknown_profile_or_experiment(tmp_path: Path) -> None:
 
 
 def test_cli_verify(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from tiltsample.cli import build_parser, main
+    from tiltsample.app.cli import build_parser, main
 
     assert main(["verify", "--out", str(tmp_path), "--only", "j,imh", "--no-progress"]) == 0
     assert "report.md" in capsys.readouterr().out

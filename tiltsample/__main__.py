@@ -1,5 +1,5 @@
 """``python -m tiltsample`` runs the CLI."""
 
-from tiltsample.cli import main
+from tiltsample.app.cli import main
 
 raise SystemExit(main())

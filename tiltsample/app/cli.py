@@ -8,22 +8,31 @@ commands); nothing imports it.
 from __future__ import annotations
 
 import argparse
-import difflib
-import inspect
 import json
 import math
-import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from tiltsample import registry, validation
-
-
-# ------------------------------------------------------------------------------ error handling
-class UsageError(Exception):
-    """A mistake in the command line: reported on one line with exit status 2."""
+from tiltsample import registry
+from tiltsample.app.params import (
+    USAGE,
+    UsageError,
+    budgets,
+    build_checked,
+    check_target_options,
+    classify,
+    int_type,
+    names_list,
+    out_file,
+    out_folder,
+    pairs,
+    positive_float,
+    report,
+    unknown,
+)
+from tiltsample.app.tables import format_table
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,227 +42,8 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-USAGE = 2
-"""Exit status of a usage error (bad argument, bad value, bad path, unusable resume file)."""
-FAILURE = 1
-"""Exit status of a runtime failure (I/O, out of memory, a bug)."""
-
 COMMANDS = ("list", "sample", "verify", "demo", "train-tiny", "compare")
 """The sub-commands (for error messages)."""
-
-_PATH_ERRORS = (
-    PermissionError,
-    IsADirectoryError,
-    NotADirectoryError,
-    FileNotFoundError,
-    FileExistsError,
-)
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
-def _report(prog: str, kind: str, message: str) -> None:
-    print(f"{prog}: {kind}: {_one_line(message)}", file=sys.stderr)
-
-
-def _os_message(exc: OSError) -> str:
-    what = exc.strerror or type(exc).__name__
-    return f"{what}: {exc.filename!r}" if exc.filename else str(exc) or what
-
-
-# ------------------------------------------------------------------------------ value parsing
-def _literal(text: str) -> Any:
-    """Parse ``key=value`` values: JSON literals (numbers, true/false, null, lists), the floats
-    ``inf``/``-inf``/``nan``, or else strings."""
-    special = validation.finite_or_inf(text)
-    if special is not None:
-        return special
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def _pairs(items: Sequence[str] | None, flag: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or not key:
-            raise UsageError(f"{flag} expects KEY=VALUE, got {item!r}")
-        if key in out:
-            raise UsageError(f"{flag}: {key!r} is given twice")
-        out[key] = _literal(value)
-    return out
-
-
-def _int_type(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an int >= ``minimum`` (the message names the allowed range)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an int >= {minimum}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an int >= {minimum}, got {value}")
-        return value
-
-    parse.__name__ = f"int >= {minimum}"
-    return parse
-
-
-def _positive_float(text: str) -> float:
-    """An argparse type: a finite float > 0."""
-    special = validation.finite_or_inf(text)
-    try:
-        value = float(text) if special is None else special
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
-    return value
-
-
-def _names(text: str) -> list[str]:
-    """An argparse type: a non-empty comma-separated list of names."""
-    names = [v.strip() for v in text.split(",")]
-    if not text.strip() or not all(names):
-        raise argparse.ArgumentTypeError(
-            f"must be a comma-separated list of names without empty entries, got {text!r}"
-        )
-    return names
-
-
-def _budgets(text: str) -> list[int]:
-    """An argparse type: a non-empty comma-separated list of ints >= 1."""
-    parse = _int_type(1)
-    items = [v.strip() for v in text.split(",")]
-    if not text.strip() or not all(items):
-        raise argparse.ArgumentTypeError(
-            f"must be a comma-separated list of ints >= 1 without empty entries, got {text!r}"
-        )
-    try:
-        return [parse(v) for v in items]
-    except argparse.ArgumentTypeError as exc:
-        raise argparse.ArgumentTypeError(f"every budget {exc}") from None
-
-
-def _out_file(flag: str, path: str | Path) -> Path:
-    try:
-        return validation.output_file(flag, path, create_below=Path.cwd())
-    except (ValueError, TypeError) as exc:
-        raise UsageError(str(exc)) from None
-
-
-def _out_folder(flag: str, path: str | Path) -> Path:
-    try:
-        return validation.output_folder(flag, path, create_below=Path.cwd())
-    except (ValueError, TypeError) as exc:
-        raise UsageError(str(exc)) from None
-
-
-# ------------------------------------------------------------------------------ parameter names
-_RESERVED = {
-    "target": "the target is chosen with --target",
-    "num_samples": "set it with -n/--num-samples",
-    "seed": "set it with --seed",
-    "generator": "the CLI seeds a generator from --seed",
-    "progress": "use --no-progress",
-}
-
-
-def _keyword_names(func: Callable[..., Any]) -> tuple[list[str], bool]:
-    """Keyword parameters of ``func`` and whether it also takes ``**kwargs``."""
-    names: list[str] = []
-    var = False
-    for p in inspect.signature(func).parameters.values():
-        if p.kind is inspect.Parameter.VAR_KEYWORD:
-            var = True
-        elif p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
-            names.append(p.name)
-    return names, var
-
-
-def _unknown(flag: str, what: str, key: str, valid: Sequence[str]) -> UsageError:
-    hint = difflib.get_close_matches(key, valid, n=1)
-    suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
-    listed = ", ".join(valid) if valid else "(none)"
-    return UsageError(f"{flag}: unknown {what} {key!r}{suggestion}; valid: {listed}")
-
-
-def _check_target_options(name: str, factory: Callable[..., Any], opts: dict[str, Any]) -> None:
-    valid, var = _keyword_names(factory)
-    if var:
-        return
-    for key in opts:
-        if key not in valid:
-            raise _unknown("--target-opt", f"{name} option", key, valid)
-
-
-def _forwarded(factory: Callable[..., Any], callee: str) -> set[str]:
-    """Keywords that ``factory`` itself passes to ``callee`` (so a user cannot)."""
-    import ast
-    import textwrap
-
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(factory)))
-    except (OSError, TypeError, SyntaxError):
-        return set()
-    return {
-        k.arg
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == callee
-        for k in node.keywords
-        if k.arg is not None
-    }
-
-
-def _sampler_parameters(factory: Callable[..., Any], callee: str | None = None) -> list[str]:
-    """The sampler parameters a user may pass with ``-p`` (following ``**kwargs`` to ``callee``,
-    a function of the factory's module, when the factory forwards them)."""
-    valid, var = _keyword_names(factory)
-    if var and callee is not None:
-        inner = getattr(sys.modules.get(factory.__module__), callee, None)
-        if callable(inner):
-            fixed = _forwarded(factory, callee)
-            valid += [n for n in _keyword_names(inner)[0] if n not in valid and n not in fixed]
-    return [n for n in valid if n not in _RESERVED]
-
-
-def _check_sampler_parameters(
-    name: str, factory: Callable[..., Any], params: dict[str, Any]
-) -> None:
-    for key in params:
-        if key in _RESERVED:
-            raise UsageError(f"-p/--param {key}: not a sampler parameter ({_RESERVED[key]})")
-    valid, var = _keyword_names(factory)
-    if var:
-        return  # checked when the sampler is built (see _build_checked)
-    for key in params:
-        if key not in valid:
-            raise _unknown("-p/--param", f"{name} parameter", key, _sampler_parameters(factory))
-
-
-_UNEXPECTED = re.compile(r"(\w+)\(\) got an unexpected keyword argument '(\w+)'")
-
-
-def _build_checked(name: str, target: Any, num_samples: int, params: dict[str, Any]) -> None:
-    """Build the sampler once (cheap) so that bad parameters fail before anything is written."""
-    from tiltsample.driver import build
-
-    factory = registry.sampler_entry(name).load()
-    _check_sampler_parameters(name, factory, params)
-    try:
-        build(name, target, num_samples, params)
-    except TypeError as exc:
-        m = _UNEXPECTED.search(str(exc))
-        if m is None:
-            raise
-        valid = _sampler_parameters(factory, m.group(1))
-        raise _unknown("-p/--param", f"{name} parameter", m.group(2), valid) from None
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -266,41 +56,27 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    """A plain-text table (floats to 4 significant digits)."""
-
-    def fmt(v: Any) -> str:
-        if isinstance(v, float):
-            return "nan" if math.isnan(v) else f"{v:.4g}"
-        return str(v)
-
-    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    line = "  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))
-    body = ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
-    return "\n".join([line, "-" * len(line), *body])
-
-
 def _cmd_sample(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
+    from tiltsample.app.store import RunFile
     from tiltsample.driver import sample
     from tiltsample.iid import concat
-    from tiltsample.records import RunFile, chunk_seed
     from tiltsample.results import SampleSet
+    from tiltsample.seeds import chunk_seed
     from tiltsample.types import Cost
 
-    out_path = None if args.out is None else _out_file("--out", args.out)
-    target_opts = _pairs(args.target_opt, "--target-opt")
-    params = _pairs(args.param, "--param")
+    out_path = None if args.out is None else out_file("--out", args.out)
+    target_opts = pairs(args.target_opt, "--target-opt")
+    params = pairs(args.param, "--param")
     target_factory = registry.target_entry(args.target).load()
-    _check_target_options(args.target, target_factory, target_opts)
+    check_target_options(args.target, target_factory, target_opts)
     target = target_factory(**target_opts)
     chunk = args.chunk_size or args.num_samples
     num_chunks = math.ceil(args.num_samples / chunk)
     sizes = [min(chunk, args.num_samples - c * chunk) for c in range(num_chunks)]
-    _build_checked(args.sampler, target, sizes[0], params)  # bad parameters fail before --out
+    build_checked(args.sampler, target, sizes[0], params)  # bad parameters fail before --out
     header = {
         "sampler": args.sampler,
         "target": args.target,
@@ -357,15 +133,15 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     from tiltsample.theory.rates import run_verify
 
-    _out_folder("--out", args.out)
+    out_folder("--out", args.out)
     if args.docs is not None:
-        _out_folder("--docs", args.docs)
+        out_folder("--docs", args.docs)
     if args.only is not None:
         from tiltsample.theory.rates import EXPERIMENTS
 
         for key in args.only:
             if key not in EXPERIMENTS:
-                raise _unknown("--only", "experiment", key, list(EXPERIMENTS))
+                raise unknown("--only", "experiment", key, list(EXPERIMENTS))
     results = run_verify(
         args.profile, args.out, only=args.only, progress=not args.no_progress, docs=args.docs
     )
@@ -376,9 +152,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from tiltsample.demo import run_demo
+    from tiltsample.app.demo import run_demo
 
-    _out_folder("--out", args.out)
+    out_folder("--out", args.out)
     run_demo(out_dir=args.out, num_samples=args.num_samples, seed=args.seed)
     return 0
 
@@ -388,7 +164,7 @@ def _cmd_train_tiny(args: argparse.Namespace) -> int:
     from tiltsample.targets.tasks.train import evaluate, main_train
 
     out = Path(args.out or f"results/models/{args.model}")
-    _out_folder("--out", out)
+    out_folder("--out", out)
     result = main_train(
         args.model,
         out,
@@ -408,9 +184,9 @@ def _cmd_train_tiny(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from tiltsample.compare import run_compare
+    from tiltsample.app.compare import run_compare
 
-    _out_folder("--out", args.out)
+    out_folder("--out", args.out)
     result = run_compare(
         profile=args.profile,
         out_dir=args.out,
@@ -455,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = sub.add_parser(name, parents=[common], **kw)
         return p
 
-    nonneg, positive = _int_type(0), _int_type(1)
+    nonneg, positive = int_type(0), int_type(1)
 
     p_list = command("list", help="registered samplers and toy targets")
     p_list.set_defaults(func=_cmd_list)
@@ -503,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_verify.add_argument("--profile", choices=["quick", "full"], default="quick")
     p_verify.add_argument("--out", default="results/verify", help="output folder")
     p_verify.add_argument(
-        "--only", type=_names, help="comma-separated experiment keys (default: all)"
+        "--only", type=names_list, help="comma-separated experiment keys (default: all)"
     )
     p_verify.add_argument("--no-progress", action="store_true")
     p_verify.add_argument(
@@ -565,44 +341,23 @@ def build_parser() -> argparse.ArgumentParser:
     p_cmp.add_argument("--model", help="causal-LM folder (default: the shipped arith-ar)")
     p_cmp.add_argument(
         "--samplers",
-        type=_names,
+        type=names_list,
         help="comma-separated recipe labels (default: all of the autoregressive model; the "
         "masked-diffusion recipes dlm-base, dlm-best-of-n, dlm-ets run only when named)",
     )
     p_cmp.add_argument("--problems", type=positive, help="number of held-out problems")
     p_cmp.add_argument(
-        "--budgets", type=_budgets, help="comma-separated budgets in responses, e.g. 1,4,16"
+        "--budgets", type=budgets, help="comma-separated budgets in responses, e.g. 1,4,16"
     )
     p_cmp.add_argument("--repeats", type=positive, help="runs per problem")
     p_cmp.add_argument(
-        "--lam", type=_positive_float, default=0.1, help="KL coefficient of the verifier"
+        "--lam", type=positive_float, default=0.1, help="KL coefficient of the verifier"
     )
     p_cmp.add_argument("--seed", type=nonneg, default=0)
     p_cmp.add_argument("--threads", type=positive, default=1, help="torch threads (default 1)")
     p_cmp.add_argument("--no-progress", action="store_true")
     p_cmp.set_defaults(func=_cmd_compare)
     return parser
-
-
-def _classify(exc: BaseException) -> tuple[str, int, str]:
-    """(kind, exit status, message) of an exception raised by a command."""
-    if isinstance(exc, UsageError | ValueError | TypeError):
-        return "error", USAGE, str(exc)
-    if isinstance(exc, _PATH_ERRORS):
-        return "error", USAGE, _os_message(exc)
-    hint = " (rerun with --debug for the traceback)"
-    if isinstance(exc, OSError):
-        return "error", FAILURE, _os_message(exc) + hint
-    if isinstance(exc, MemoryError | RuntimeError | ImportError):
-        text = _one_line(str(exc)) or type(exc).__name__
-        text = text if len(text) <= 400 else text[:400] + " ..."
-        return "error", FAILURE, f"{type(exc).__name__}: {text}{hint}"
-    return (
-        "internal error",
-        FAILURE,
-        f"{type(exc).__name__}: {exc} — this is a bug in tiltsample; rerun with --debug for "
-        "the traceback and please report it",
-    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -631,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         command = next((a for a in argv if not a.startswith("-")), None)
         known = command in COMMANDS
-        _report(f"tiltsample {command}" if known else "tiltsample", "error", str(exc))
+        report(f"tiltsample {command}" if known else "tiltsample", "error", str(exc))
         return USAGE
     prog = f"tiltsample {args.command}"
     try:
@@ -639,11 +394,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         if args.debug:
             raise
-        _report(prog, "interrupted", "stopped by the user (rerun the same command to resume)")
+        report(prog, "interrupted", "stopped by the user (rerun the same command to resume)")
         return 130
     except Exception as exc:
         if args.debug:
             raise
-        kind, code, message = _classify(exc)
-        _report(prog, kind, message)
+        kind, code, message = classify(exc)
+        report(prog, kind, message)
         return code

@@ -1,7 +1,7 @@
 """``tiltsample demo``: exact ground truth vs the samplers on the default toy target.
 
 This is the exactly-enumerable part of ``make demo``; the part on the embedded default *model*
-(``arith-ar``) is ``tiltsample compare --profile demo`` (:mod:`tiltsample.compare`), which
+(``arith-ar``) is ``tiltsample compare --profile demo`` (:mod:`tiltsample.app.compare`), which
 ``make demo`` runs next.
 
 The toy is the ``tabular`` target (random tabular policy, ``V = 4``, length cap 6, binary reward,
@@ -38,7 +38,7 @@ NO_LAW = "—"
 def run_demo(out_dir: str = "results", num_samples: int = 4000, seed: int = 0) -> dict[str, Any]:
     """Run the demo; returns what it wrote to ``demo.json``."""
     import tiltsample
-    from tiltsample.cli import format_table
+    from tiltsample.app.tables import format_table
     from tiltsample.targets.toys import power_example, power_example_policy, tabular_toy
     from tiltsample.theory import (
         ancestral_law,

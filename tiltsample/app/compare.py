@@ -28,10 +28,10 @@ Samplers (recipes; the ones registered when the run starts are used, others are 
 Optional (by label only): ``dlm-base``, ``dlm-best-of-n`` and ``dlm-ets`` run on the shipped
 masked-diffusion model ``arith-dlm`` (:data:`DLM_RECIPES`).
 
-Runs are written to a JSONL run file (:class:`~tiltsample.records.RunFile`) one cell at a time; an
+Runs are written to a JSONL run file (:class:`~tiltsample.app.store.RunFile`) one cell at a time; an
 interrupted run resumes where it stopped with the same command, without losing or duplicating
 cells. Seeds are *common random numbers*: every sampler gets the same seed
-(:func:`~tiltsample.records.chunk_seed` of the run seed, problem and repeat) on a given problem,
+(:func:`~tiltsample.seeds.chunk_seed` of the run seed, problem and repeat) on a given problem,
 so differences between samplers are paired, and configurations that coincide at ``k = 1``
 (ancestral, majority and best-of-N with one candidate) return the same draw. The report is a
 Markdown table (accuracy with a 95% interval, generated tokens per problem, forward tokens, wall
@@ -488,7 +488,8 @@ def run_compare(
 
     from tqdm.auto import tqdm
 
-    from tiltsample.records import RunFile, chunk_seed
+    from tiltsample.app.store import RunFile
+    from tiltsample.seeds import chunk_seed
     from tiltsample.targets import tasks
 
     validation.one_of("profile", profile, list(PROFILES))

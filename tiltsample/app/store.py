@@ -30,14 +30,6 @@ _RECORD_KEYS = ("chunk", "record")
 _DONE_KEYS = ("chunk_done", "records")
 
 
-def chunk_seed(seed: int, chunk: int) -> int:
-    """A deterministic per-chunk seed (SplitMix64-style mixing of ``seed`` and ``chunk``)."""
-    z = (seed * 0x9E3779B97F4A7C15 + (chunk + 1) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
-    return (z ^ (z >> 31)) & (2**62 - 1)
-
-
 class RunFileError(ValueError):
     """A run file that cannot be resumed safely (duplicated, reordered or unreadable lines).
 
