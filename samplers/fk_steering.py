@@ -47,7 +47,7 @@ Intermediate rewards ``phi``
     completions that fill every masked position independently from the denoiser's marginals (FK
     steering's text setting; not the sampler's own completion law, so a biased log-energy);
     ``"rollout"``: ETS's unbiased estimate from ``num_samples_phi`` runs of the base sampler itself
-    (:class:`~tiltsample.samplers.ets_rollout.DiffusionRolloutPotential`; lookahead twists); or
+    (:class:`~tiltsample.samplers.ets.potentials.DiffusionRolloutPotential`; lookahead twists); or
     any :class:`~tiltsample.diffusion.StatePotential`. A zero estimate becomes ``log(floor)`` so
     that no particle the target needs is killed (see
     :func:`tiltsample.samplers.twists.apply_floor`). Estimates are drawn once per particle and
@@ -262,7 +262,7 @@ def _estimate(
         values, cost = estimator.log_potential_states(target.prompt, states, step, generator)
         return values.to(torch.float64), cost
     if estimator == "rollout":
-        from tiltsample.samplers.ets_rollout import DiffusionRolloutPotential
+        from tiltsample.samplers.ets.potentials import DiffusionRolloutPotential
 
         pot = DiffusionRolloutPotential(target, config.num_samples_phi)
         values, cost = pot.log_potential_states(target.prompt, states, step, generator)

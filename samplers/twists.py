@@ -420,7 +420,7 @@ class RolloutTwist(Twist):
             e^{\mathrm{log\_tilt}(s \oplus z_k)}, \quad z_k \sim q = p_{ref}^{1/\tau},
 
     unbiased for ``E_p[G | s]``. The rollouts continue a fork of the particles' session expanded by
-    ``select`` (:func:`tiltsample.samplers.ets_rollout.rollouts_from_sessions`), so a particle's
+    ``select`` (:func:`tiltsample.samplers.ets.rollout.rollouts_from_sessions`), so a particle's
     prefix is never re-encoded. A random twist: each particle keeps the estimate it drew
     (``specs/smc.md`` §3).
 
@@ -463,7 +463,7 @@ class RolloutTwist(Twist):
         log_reference: Tensor,
         generator: torch.Generator,
     ) -> tuple[Tensor, Cost]:
-        from tiltsample.samplers.ets_rollout import log_mean_energy, rollouts_from_sessions
+        from tiltsample.samplers.ets.rollout import log_mean_energy, rollouts_from_sessions
 
         if session.batch_size == 0:
             return torch.zeros(0, dtype=torch.float64), Cost()

@@ -26,7 +26,7 @@ import tiltsample
 from tiltsample import TiltedTarget
 from tiltsample.policy import DecodeSession, PrefixSession
 from tiltsample.samplers import ets
-from tiltsample.samplers.ets_rollout import DiffusionRolloutPotential, RolloutPotential
+from tiltsample.samplers.ets import DiffusionRolloutPotential, RolloutPotential
 from tiltsample.target import Truncation
 from tiltsample.targets.masked_diffusion import random_masked_diffusion
 from tiltsample.targets.rewards import ConstraintReward, ContainsTokenReward, CountFractionReward
@@ -448,11 +448,7 @@ def test_self_consistency_cache_grows_and_is_reproducible() -> None:
 
 
 def test_self_consistency_reward_target_supplies_the_extractor() -> None:
-    from tiltsample.targets import rewards
-
-    if not hasattr(rewards, "SelfConsistencyReward"):
-        pytest.skip("SelfConsistencyReward lands with the transformers-backend work")
-    SelfConsistencyReward = rewards.SelfConsistencyReward
+    from tiltsample.targets.rewards import SelfConsistencyReward
 
     base = ar_target(19, length=3, eos_prob=0.0)
 

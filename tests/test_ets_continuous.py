@@ -1,4 +1,4 @@
-"""ETS with continuous batching (``batching="continuous"``, tiltsample.samplers.ets_continuous).
+"""ETS with continuous batching (``batching="continuous"``, tiltsample.samplers.ets.continuous).
 
 Seed-exact checks first: the output of every chain is a function of its own seed (any row budget
 gives the same draws, selections and generated tokens), the paper's token-count formula holds
@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from tiltsample.samplers import ets
-from tiltsample.samplers.ets_continuous import ChainStream, inverse_cdf
+from tiltsample.samplers.ets.chains import ChainStream, inverse_cdf
 from tiltsample.testing import check_sampler
 from tiltsample.theory import ExactPotential, tv
 from tiltsample.theory.ets_laws import ets_law, rao_blackwell_law

@@ -345,7 +345,8 @@ def test_sir_select_rejects_a_lossy_grid() -> None:
 
 # ----------------------------------------------------------------------------- issue 5 extensions
 def _d3_toy(seed: int, scale: float) -> tuple[TiltedTarget, TabularPolicy]:
-    from tiltsample.theory.rates.experiments_ets import _ar_target, _perturbed
+    from tiltsample.theory.rates.experiments_ets.common import ar_target as _ar_target
+    from tiltsample.theory.rates.experiments_ets.common import perturbed as _perturbed
 
     target = _ar_target(seed, 3, 3, 0.3)
     return target, _perturbed(target, 9, scale)
@@ -378,11 +379,11 @@ def _pair_sir(options: list[tuple[float, float, Any]]) -> dict[Any, float]:
 def test_reference_law_matches_enumeration_of_the_reference_rule() -> None:
     """Block ratio + temperature mismatch, M = 2, K = 1, d = 2: every (candidate, rollout) pair."""
     from tiltsample.theory.ets_laws import ets_law_reference
-    from tiltsample.theory.rates.experiments_ets import _tempered
+    from tiltsample.theory.rates.experiments_ets.common import tempered
 
     policy = random_tabular(torch.Generator().manual_seed(4), 3, 2, 0.7)
     small = random_tabular(torch.Generator().manual_seed(5), 3, 2, 1.0)
-    ref_t, small_t = _tempered(policy, 0.7), _tempered(small, 0.7)
+    ref_t, small_t = tempered(policy, 0.7), tempered(small, 0.7)
     target = TiltedTarget(ref_t, ContainsTokenReward(1, 0), 0.5, (), 2, "stop")
 
     def lp(pol: TabularPolicy, s: tuple[int, ...]) -> list[float]:
@@ -432,10 +433,10 @@ def test_reference_law_matches_enumeration_of_the_reference_rule() -> None:
 def test_reference_deviation_laws_tend_to_their_limit_laws() -> None:
     """The finite-M reference laws converge (rate 1/M) to the M = ∞ laws of experiment (f)."""
     from tiltsample.theory.ets_laws import ets_law_reference
-    from tiltsample.theory.rates.experiments_ets import _deviation_setup
+    from tiltsample.theory.rates.experiments_ets.deviations import deviation_setup
 
     for name in ("block", "mismatch"):
-        _, limit, _, kwargs = _deviation_setup(8, 0.9, 0.7)[name]
+        _, limit, _, kwargs = deviation_setup(8, 0.9, 0.7)[name]
         laws = ets_law_reference(num_candidates=[256, 1024], **kwargs)
         tvs = [tv(law.law, limit) for law in laws]
         assert tvs[1] < tvs[0] / 3, (name, tvs)

@@ -159,7 +159,9 @@ def test_i_uniform_cut_mixing_is_linear_in_trace_length(
 # ----------------------------------------------------------------------------- exact helpers
 def test_limit_law_of_the_specified_variant_is_the_target() -> None:
     from tiltsample.theory import tv
-    from tiltsample.theory.rates.experiments_ets import _ar_target, _limit_law, _pi
+    from tiltsample.theory.rates.experiments_ets.common import ar_target as _ar_target
+    from tiltsample.theory.rates.experiments_ets.common import target_law as _pi
+    from tiltsample.theory.rates.experiments_ets.deviations import limit_law as _limit_law
 
     target = _ar_target(2, 3, 3, 0.4)
 
@@ -173,7 +175,8 @@ def test_limit_law_is_the_large_m_limit_of_the_exact_law() -> None:
     """Tempered candidates (exact p/q weights): the exact ETS law tends to the M = inf law."""
     from tiltsample.theory import tv
     from tiltsample.theory.ets_laws import ets_law
-    from tiltsample.theory.rates.experiments_ets import _ar_target, _limit_law
+    from tiltsample.theory.rates.experiments_ets.common import ar_target as _ar_target
+    from tiltsample.theory.rates.experiments_ets.deviations import limit_law as _limit_law
 
     # tempered candidates with the exact p/q correction: the chain's limit is pi
     target = _ar_target(3, 3, 3, 0.4)
@@ -195,11 +198,9 @@ def test_limit_law_is_the_large_m_limit_of_the_exact_law() -> None:
 def test_likelihood_ratio_bound_by_bruteforce() -> None:
     import itertools
 
-    from tiltsample.theory.rates.experiments_ets import (
-        _ar_target,
-        _perturbed,
-        likelihood_ratio_bound,
-    )
+    from tiltsample.theory.rates.experiments_ets import likelihood_ratio_bound
+    from tiltsample.theory.rates.experiments_ets.common import ar_target as _ar_target
+    from tiltsample.theory.rates.experiments_ets.common import perturbed as _perturbed
 
     target = _ar_target(5, 3, 3, 0.3)
     prop = _perturbed(target, 1, 0.6)

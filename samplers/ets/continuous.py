@@ -49,86 +49,23 @@ import torch
 from torch import Tensor
 
 from tiltsample.decoding import tempered_logprobs
-from tiltsample.policy import DecodeSession, append_rows, open_session, row_lengths
+from tiltsample.policy import DecodeSession, open_session, row_lengths
 from tiltsample.results import SampleSet, Selection
-from tiltsample.samplers.ets_rollout import clip_log_ratio, log_mean_energy, needs_reference
+from tiltsample.samplers.ets.chains import CAND, DEAD, DIRTY, HOLD, ROLL, Chain, inverse_cdf
+from tiltsample.samplers.ets.config import ETSConfig, resolve_block_size
+from tiltsample.samplers.ets.proposal import clip_log_ratio
+from tiltsample.samplers.ets.rollout import log_mean_energy, needs_reference
+from tiltsample.samplers.ets.schedule import RowScheduler
+from tiltsample.samplers.ets.scoring import AnswerCache, Scorer
+from tiltsample.samplers.ets.selection import candidate_log_weights, selection_probabilities
+from tiltsample.samplers.ets.state import Batch, ETSInfo, ETSState, cost_delta, finish_batch
 from tiltsample.target import TiltedTarget
 from tiltsample.types import Cost, Seq
 
-__all__ = ["ChainStream", "ContinuousETS", "inverse_cdf"]
-
-_CAND, _ROLL, _DEAD, _HOLD, _DIRTY = 0, 1, 2, 3, 4
-# _DEAD: finished with EOS (padding only, never a model input again); _DIRTY: finished without
-# EOS (its last token is pending: dropped at the next tick); _HOLD: candidate at its block end
+__all__ = ["ContinuousETS", "continuous_step"]
 
 
-class ChainStream:
-    """Uniform ``[0, 1)`` float64 draws of one chain from its own generator, in fixed-size chunks.
-
-    Chunking does not change the values: the ``i``-th uniform taken is the ``i``-th uniform of the
-    generator's stream, whatever the sizes of the earlier requests.
-    """
-
-    def __init__(self, seed: int, chunk: int = 256) -> None:
-        self.generator = torch.Generator().manual_seed(int(seed))
-        self._chunk = chunk
-        self._buf = torch.zeros(0, dtype=torch.float64)
-        self._pos = 0
-
-    def take(self, n: int) -> Tensor:
-        """The next ``n`` uniforms of the stream."""
-        if self._pos + n > self._buf.numel():
-            fresh = torch.rand(max(self._chunk, n), generator=self.generator, dtype=torch.float64)
-            self._buf = torch.cat([self._buf[self._pos :], fresh])
-            self._pos = 0
-        out = self._buf[self._pos : self._pos + n]
-        self._pos += n
-        return out
-
-
-def inverse_cdf(log_probs: Tensor, u: Tensor) -> Tensor:
-    r"""``[R]`` draws from the rows of ``log_probs`` ``[R, V]`` by inversion with uniforms ``u``.
-
-    Row ``r`` returns the index ``i`` with ``F_{i-1} <= u_r F_V < F_i`` (``F`` the cumulative
-    probabilities), which has positive probability; a rounding overflow falls back to the last
-    index of positive probability.
-    """
-    probs = torch.softmax(log_probs.to(torch.float64), dim=-1)
-    cdf = probs.cumsum(dim=-1)
-    point = (u.to(torch.float64) * cdf[:, -1])[:, None]
-    idx = torch.searchsorted(cdf, point, right=True).squeeze(1)
-    vocab = probs.shape[1]
-    over = idx >= vocab
-    if bool(over.any()):
-        last = vocab - 1 - torch.flip(probs > 0, dims=[1]).long().argmax(dim=1)
-        idx = torch.where(over, last, idx)
-    return idx
-
-
-class _Chain:
-    """One ETS chain in flight."""
-
-    def __init__(self, index: int, seed: int) -> None:
-        self.index = index
-        self.stream = ChainStream(seed)
-        self.step = 0
-        self.stop = 0
-        self.log_ref = 0.0
-        self.live = 0
-        self.cand: list[tuple[Seq, float, float, bool] | None] = []
-        self.inc: list[int] = []
-        self.rollouts: dict[tuple[int, int], tuple[Seq, float, float]] = {}
-        self.park: DecodeSession | None = None
-        self.needs_park = False
-        self.selections: list[Selection] = []
-        self.first_log_w: Tensor | None = None
-        self.failed_at: int | None = None
-        self.output: Seq | None = None
-        self.reward = math.nan
-        self.out_ref = 0.0
-
-
-class ContinuousETS:
+class ContinuousETS(RowScheduler):
     """The continuous-batching engine (module docstring); ``advance`` runs it tick by tick."""
 
     def __init__(
@@ -140,24 +77,20 @@ class ContinuousETS:
         max_rows: int,
         generator: torch.Generator,
     ) -> None:
-        from tiltsample.samplers.ets import _block
-
         self.cfg = cfg
         self.scorer = scorer
         self.target = target
         self.m = int(cfg.num_candidates)
         self.k = int(cfg.num_rollouts)
         self.d = int(target.max_new_tokens)
-        self.block = _block(target, cfg.block_size)
+        self.block = resolve_block_size(target, cfg.block_size)
         self.max_rows = int(max_rows)
         seeds = torch.randint(0, 2**62, (num_chains,), generator=generator).tolist()
-        self.chains = [_Chain(i, s) for i, s in enumerate(seeds)]
+        self.chains = [Chain(i, s) for i, s in enumerate(seeds)]
         self.next_new = 0
         self.queue: list[tuple[str, int]] = []
         self.caches: list[Any] | None = None
         if cfg.reward_mode == "self-consistency":
-            from tiltsample.samplers.ets import AnswerCache
-
             self.caches = [AnswerCache.empty() for _ in range(num_chains)]
         self.template = open_session(target.policy, target.prompt, 1)
         self.template.logprobs()  # the prompt is encoded once for all chains
@@ -189,10 +122,6 @@ class ContinuousETS:
     def done(self) -> bool:
         return self.finished == len(self.chains)
 
-    @property
-    def rows(self) -> int:
-        return len(self.row_chain)
-
     def cost(self) -> Cost:
         live = Cost() if self.session is None else self.session.cost
         return (
@@ -203,209 +132,32 @@ class ContinuousETS:
             + self.extra
         )
 
-    def _append(
-        self, piece: DecodeSession, chain: int, kind: int, ms: list[int], ks: list[int]
-    ) -> None:
-        """Queue ``piece``'s rows for the next :meth:`_flush` (one ``append_rows`` per tick)."""
-        self.pieces.append(piece)
-        n = len(ms)
-        self.row_chain += [chain] * n
-        self.row_kind += [kind] * n
-        self.row_m += ms
-        self.row_k += ks
-        zeros = torch.zeros(n, dtype=torch.float64)
-        self.lp = torch.cat([self.lp, zeros])
-        self.lq = torch.cat([self.lq, zeros])
-
-    def _flush(self) -> None:
-        """Append the pieces admitted this tick to the session: merged first (small caches), then
-        one ``append_rows`` on the big session."""
-        if not self.pieces:
-            return
-        merged = self.pieces[0]
-        for piece in self.pieces[1:]:
-            merged = append_rows(merged, piece)
-        self.pieces = []
-        self.session = merged if self.session is None else append_rows(self.session, merged)
-
-    def _apply(self, index: list[int], meta: list[tuple[int, int, int, int, bool]]) -> None:
-        """``session.select(index)``; ``meta[i] = (chain, kind, m, k, reset)`` of new row ``i``."""
-        assert self.session is not None
-        if not index:
-            self.spent = self.spent + self.session.cost
-            self.session = None
-        else:
-            self.session.select(torch.tensor(index, dtype=torch.long))
-        self.row_chain = [x[0] for x in meta]
-        self.row_kind = [x[1] for x in meta]
-        self.row_m = [x[2] for x in meta]
-        self.row_k = [x[3] for x in meta]
-        idx = torch.tensor(index, dtype=torch.long)
-        reset = torch.tensor([x[4] for x in meta], dtype=torch.bool)
-        zero = torch.zeros(len(index), dtype=torch.float64)
-        self.lp = torch.where(reset, zero, self.lp[idx])
-        self.lq = torch.where(reset, zero, self.lq[idx])
-
-    def _admit(self) -> None:
-        """Fill the free rows, first come first served (a waiting item is never overtaken).
-
-        Structural changes copy the whole KV cache, so they are batched into at most one
-        ``select`` and one ``append_rows`` per tick. Finished rows stay in the session as dead
-        rows (EOS padding, no model input) until a fraction of the budget is dead, nothing else is
-        live, or a ``select`` happens anyway. The incomplete candidates of a chain whose block
-        just ended are expanded to their rollout rows *in place* by that ``select`` when the rows
-        fit; otherwise they are parked outside the session (a fork) and appended later.
-        """
-        kinds = self.row_kind
-        dead, held, dirty = kinds.count(_DEAD), kinds.count(_HOLD), kinds.count(_DIRTY)
-        live = self.rows - dead - held - dirty
-        compact = self.rows > 0 and (live == 0 or dirty > 0 or dead >= self.compact_at)
-        if not (compact or held) and self.max_rows - live < self.compact_at:
-            return  # wait until a batch of rows is free: appends copy the whole cache
-        if self.queue and self.queue[0][0] == "hold":
-            need = len(self.chains[self.queue[0][1]].inc) * self.k
-            compact = compact or live + need <= self.max_rows
-        base = live if compact else live + dead + held + dirty
-        accepted: list[tuple[str, int]] = []
-        pos = 0
-        while True:
-            if pos < len(self.queue):
-                what, c = self.queue[pos]
-                inc = len(self.chains[c].inc)
-                need = inc * self.k if what in ("hold", "expand") else self.m
-            elif self.next_new < len(self.chains):
-                what, c, need = "new", self.next_new, self.m
-            else:
-                break
-            if (what == "hold" and not compact) or (base and base + need > self.max_rows):
-                break
-            accepted.append((what, c))
-            base += need
-            if what == "new":
-                self.next_new += 1
-            else:
-                pos += 1
-        del self.queue[:pos]
-        taken = {c for what, c in accepted if what == "hold"}
-        # held candidates that do not fit now: park them (their rows die in the session)
-        for i, (what, c) in enumerate(self.queue):
-            if what == "hold":
-                assert self.session is not None
-                rows = [r for r in range(self.rows) if kinds[r] == _HOLD and self.row_chain[r] == c]
-                park = self.session.fork()
-                park.select(torch.tensor(rows, dtype=torch.long))
-                self.chains[c].park = park
-                for r in rows:
-                    kinds[r] = _DIRTY
-                self.queue[i] = ("expand", c)
-                compact = True
-        if compact or taken:
-            index = [r for r in range(self.rows) if kinds[r] in (_CAND, _ROLL)]
-            meta = [
-                (self.row_chain[r], kinds[r], self.row_m[r], self.row_k[r], False) for r in index
-            ]
-            for what, c in accepted:
-                if what != "hold":
-                    continue
-                ch = self.chains[c]
-                rows = [r for r in range(self.rows) if kinds[r] == _HOLD and self.row_chain[r] == c]
-                for r in rows:
-                    for j in range(self.k):
-                        index.append(r)
-                        meta.append((c, _ROLL, self.row_m[r], j, True))
-                ch.needs_park = True
-                ch.live = len(rows) * self.k
-            self._apply(index, meta)
-        for what, c in accepted:
-            ch = self.chains[c]
-            if what == "new":
-                piece = self.template.fork()
-                piece.select(torch.zeros(self.m, dtype=torch.long))
-                self._start_block(ch, piece)
-            elif what == "expand":
-                piece = ch.park  # type: ignore[assignment]
-                assert piece is not None
-                if self.k > 1:
-                    piece.select(torch.arange(len(ch.inc)).repeat_interleave(self.k))
-                ch.park = None
-                ch.needs_park = True
-                ch.live = len(ch.inc) * self.k
-                ms = [m for m in ch.inc for _ in range(self.k)]
-                ks = [j for _ in ch.inc for j in range(self.k)]
-                self._append(piece, c, _ROLL, ms, ks)
-            elif what == "cand":
-                piece = ch.park  # type: ignore[assignment]
-                assert piece is not None
-                ch.park = None
-                self._start_block(ch, piece)
-
-    def _start_block(self, ch: _Chain, piece: DecodeSession) -> None:
-        ch.stop = min((ch.step + 1) * self.block, self.d)
-        ch.live = self.m
-        ch.cand = [None] * self.m
-        ch.inc = []
-        ch.rollouts = {}
-        self._append(piece, ch.index, _CAND, list(range(self.m)), [0] * self.m)
-
     # ------------------------------------------------------------------ one tick
     def advance(self) -> list[tuple[int, Tensor, Tensor, int, Tensor]]:
         """Run ticks until at least one chain selects (or all are done); return the selections
         ``(chain, probs [M], log_w [M], chosen, complete [M])`` made."""
         events: list[tuple[int, Tensor, Tensor, int, Tensor]] = []
         while not events and not self.done:
-            self._admit()
+            self.admit()
             self.peak_rows = max(self.peak_rows, self.rows)
-            self._flush()
+            self.flush()
             events += self._tick()
         return events
 
     def _tick(self) -> list[tuple[int, Tensor, Tensor, int, Tensor]]:
-        cfg, target = self.cfg, self.target
+        """One model call over every row: one token per row, then the rows that finished."""
+        target = self.target
         session = self.session
         assert session is not None
         eos = target.eos_id
         lens = row_lengths(session)
         logp = session.logprobs().to(torch.float64)
         n = self.rows
-        # park the chosen-candidate prefixes of chains whose rollouts just started (law known)
-        for ch in self.chains:
-            if ch.needs_park:
-                rows = [
-                    r
-                    for r in range(n)
-                    if self.row_chain[r] == ch.index
-                    and self.row_kind[r] == _ROLL
-                    and self.row_k[r] == 0
-                ]
-                park = session.fork()
-                park.select(torch.tensor(rows, dtype=torch.long))
-                ch.park = park
-                ch.needs_park = False
-        # uniforms: per chain, one per row in canonical (session) order
-        by_chain: dict[int, list[int]] = {}
-        for r, c in enumerate(self.row_chain):
-            if self.row_kind[r] != _DEAD:
-                by_chain.setdefault(c, []).append(r)
-        u = torch.zeros(n, dtype=torch.float64)
-        for c, rows in by_chain.items():
-            u[rows] = self.chains[c].stream.take(len(rows))
+        self._park_rollout_prefixes(session, n)
         kind = torch.tensor(self.row_kind, dtype=torch.long)
-        tok = torch.empty(n, dtype=torch.long)
-        lq = torch.empty(n, dtype=torch.float64)
-        groups = (
-            [(cfg.temperature, torch.ones(n, dtype=torch.bool))]
-            if cfg.temperature == cfg.proposal_temperature
-            else [(cfg.temperature, kind == _CAND), (cfg.proposal_temperature, kind == _ROLL)]
-        )
-        for tau, mask in groups:
-            if not bool(mask.any()):
-                continue
-            law = tempered_logprobs(logp[mask], tau)
-            t = inverse_cdf(law, u[mask])
-            tok[mask] = t
-            lq[mask] = law.gather(1, t[:, None]).squeeze(1)
-        dead = kind == _DEAD
-        assert not bool((kind >= _HOLD).any())  # resolved by _admit before every tick
+        tok, lq = self._draw(logp, kind, n)
+        dead = kind == DEAD
+        assert not bool((kind >= HOLD).any())  # resolved by admit before every tick
         forced = dead
         if target.truncation == "condition":
             forced = forced | (lens == self.d - 1)
@@ -413,44 +165,15 @@ class ContinuousETS:
         lq = torch.where(forced, torch.zeros_like(lq), lq)
         lp = logp.gather(1, tok[:, None]).squeeze(1)
         session.extend(tok)  # dead rows get EOS padding: never pushed through the model again
-        n_cand = int((kind == _CAND).sum())
-        n_roll = int((kind == _ROLL).sum())
+        n_cand = int((kind == CAND).sum())
+        n_roll = int((kind == ROLL).sum())
         self.generated += n_cand + n_roll
         self.counters["candidate_tokens"] += n_cand
         self.counters["rollout_tokens"] += n_roll
         zero = torch.zeros_like(lp)
         self.lp = self.lp + torch.where(dead, zero, lp)
         self.lq = self.lq + torch.where(dead, zero, lq)
-        new_len = (lens + 1).tolist()
-        tok_l = tok.tolist()
-        ended = ((tok == eos) | (lens + 1 >= self.d)).tolist()
-        toks: list[list[int]] | None = None
-        closed: list[_Chain] = []
-        lp_l, lq_l = self.lp.tolist(), self.lq.tolist()
-        for r in range(n):
-            if self.row_kind[r] == _DEAD:
-                continue
-            ch = self.chains[self.row_chain[r]]
-            is_cand = self.row_kind[r] == _CAND
-            block_end = is_cand and new_len[r] >= ch.stop
-            if not (ended[r] or block_end):
-                continue
-            self.row_kind[r] = _DEAD if tok_l[r] == eos else _DIRTY
-            if toks is None:
-                toks = session.tokens().tolist()
-            row = toks[r][: new_len[r]]
-            seq: Seq = tuple(row[: row.index(eos) + 1] if eos in row else row)
-            if is_cand:
-                complete = target.is_complete(seq)
-                ch.cand[self.row_m[r]] = (seq, lp_l[r], lq_l[r], complete)
-                if not complete:
-                    self.row_kind[r] = _HOLD
-                    ch.inc.append(self.row_m[r])
-            else:
-                ch.rollouts[(self.row_m[r], self.row_k[r])] = (seq, lp_l[r], lq_l[r])
-            ch.live -= 1
-            if ch.live == 0:
-                closed.append(ch)
+        closed = self._close_rows(session, lens, tok)
         events = []
         for ch in closed:
             if ch.rollouts or not ch.inc:
@@ -459,10 +182,90 @@ class ContinuousETS:
                 self.queue.append(("hold", ch.index))
         return events
 
-    # ------------------------------------------------------------------ selection
-    def _select(self, ch: _Chain) -> tuple[int, Tensor, Tensor, int, Tensor]:
-        from tiltsample.samplers.ets import _log_weights, selection_probabilities
+    def _park_rollout_prefixes(self, session: DecodeSession, n: int) -> None:
+        """Park the chosen-candidate prefixes of chains whose rollouts just started (law known)."""
+        for ch in self.chains:
+            if ch.needs_park:
+                rows = [
+                    r
+                    for r in range(n)
+                    if self.row_chain[r] == ch.index
+                    and self.row_kind[r] == ROLL
+                    and self.row_k[r] == 0
+                ]
+                park = session.fork()
+                park.select(torch.tensor(rows, dtype=torch.long))
+                ch.park = park
+                ch.needs_park = False
 
+    def _draw(self, logp: Tensor, kind: Tensor, n: int) -> tuple[Tensor, Tensor]:
+        """One token per row and its log-probability under the law it was drawn from; the
+        uniforms come per chain, one per row in canonical (session) order."""
+        cfg = self.cfg
+        by_chain: dict[int, list[int]] = {}
+        for r, c in enumerate(self.row_chain):
+            if self.row_kind[r] != DEAD:
+                by_chain.setdefault(c, []).append(r)
+        u = torch.zeros(n, dtype=torch.float64)
+        for c, rows in by_chain.items():
+            u[rows] = self.chains[c].stream.take(len(rows))
+        tok = torch.empty(n, dtype=torch.long)
+        lq = torch.empty(n, dtype=torch.float64)
+        groups = (
+            [(cfg.temperature, torch.ones(n, dtype=torch.bool))]
+            if cfg.temperature == cfg.proposal_temperature
+            else [(cfg.temperature, kind == CAND), (cfg.proposal_temperature, kind == ROLL)]
+        )
+        for tau, mask in groups:
+            if not bool(mask.any()):
+                continue
+            law = tempered_logprobs(logp[mask], tau)
+            t = inverse_cdf(law, u[mask])
+            tok[mask] = t
+            lq[mask] = law.gather(1, t[:, None]).squeeze(1)
+        return tok, lq
+
+    def _close_rows(self, session: DecodeSession, lens: Tensor, tok: Tensor) -> list[Chain]:
+        """Record the rows that finished this tick (EOS, the cap, or a candidate block's end);
+        return the chains whose rows have all finished."""
+        target = self.target
+        eos = target.eos_id
+        n = self.rows
+        new_len = (lens + 1).tolist()
+        tok_l = tok.tolist()
+        ended = ((tok == eos) | (lens + 1 >= self.d)).tolist()
+        toks: list[list[int]] | None = None
+        closed: list[Chain] = []
+        lp_l, lq_l = self.lp.tolist(), self.lq.tolist()
+        for r in range(n):
+            if self.row_kind[r] == DEAD:
+                continue
+            ch = self.chains[self.row_chain[r]]
+            is_cand = self.row_kind[r] == CAND
+            block_end = is_cand and new_len[r] >= ch.stop
+            if not (ended[r] or block_end):
+                continue
+            self.row_kind[r] = DEAD if tok_l[r] == eos else DIRTY
+            if toks is None:
+                toks = session.tokens().tolist()
+            row = toks[r][: new_len[r]]
+            seq: Seq = tuple(row[: row.index(eos) + 1] if eos in row else row)
+            if is_cand:
+                complete = target.is_complete(seq)
+                ch.cand[self.row_m[r]] = (seq, lp_l[r], lq_l[r], complete)
+                if not complete:
+                    self.row_kind[r] = HOLD
+                    ch.inc.append(self.row_m[r])
+            else:
+                ch.rollouts[(self.row_m[r], self.row_k[r])] = (seq, lp_l[r], lq_l[r])
+            ch.live -= 1
+            if ch.live == 0:
+                closed.append(ch)
+        return closed
+
+    # ------------------------------------------------------------------ selection
+    def _select(self, ch: Chain) -> tuple[int, Tensor, Tensor, int, Tensor]:
+        """The SIR draw of a chain whose candidates (and their rollouts) have all finished."""
         cfg, target = self.cfg, self.target
         m, k = self.m, self.k
         cand = [x for x in ch.cand if x is not None]
@@ -499,7 +302,7 @@ class ContinuousETS:
         c_lp = torch.tensor([x[1] for x in cand], dtype=torch.float64)
         c_lq = torch.tensor([x[2] for x in cand], dtype=torch.float64)
         log_a = torch.where(torch.isneginf(c_lp), c_lp, c_lp - c_lq)
-        log_w = _log_weights(log_a, log_e)[None, :]
+        log_w = candidate_log_weights(log_a, log_e)[None, :]
         probs, failed = selection_probabilities(log_w)
         chosen = int(inverse_cdf(probs.log(), ch.stream.take(1))[0])
         ch.step += 1
@@ -528,7 +331,8 @@ class ContinuousETS:
 
     # ------------------------------------------------------------------ result
     def finish(self, finish_batch: Callable[[Any], SampleSet], batch_type: Any) -> SampleSet:
-        """The draws as a :class:`SampleSet` (through the lock-step ``_finish``)."""
+        """The draws as a :class:`SampleSet` (through the lock-step
+        :func:`~tiltsample.samplers.ets.state.finish_batch`)."""
         n = len(self.chains)
         counters = dict(self.counters)
         counters["peak_rows"] = self.peak_rows
@@ -553,3 +357,40 @@ class ContinuousETS:
             counters=counters,
         )
         return finish_batch(batch)
+
+
+def continuous_step(
+    cfg: ETSConfig, scorer: Scorer, generator: torch.Generator, state: ETSState
+) -> tuple[ETSState, ETSInfo]:
+    """Ticks of the continuous engine until some chain selects (one ``ETSInfo`` row each):
+    the ``step`` of ``batching="continuous"``."""
+    target = state.target
+    engine = state.engine
+    if engine is None:
+        if state.remaining <= 0:
+            raise ValueError("ETS step called on a finished state")
+        rows = state.batch_size * cfg.num_candidates * cfg.num_rollouts
+        engine = ContinuousETS(cfg, scorer, target, state.remaining, rows, generator)
+    before = engine.cost()
+    events = engine.advance()
+    m = cfg.num_candidates
+    probs = torch.stack([e[1] for e in events]) if events else torch.zeros((0, m))
+    log_w = torch.stack([e[2] for e in events]) if events else torch.zeros((0, m))
+    chosen = torch.tensor([e[3] for e in events], dtype=torch.long)
+    complete = (
+        torch.stack([e[4] for e in events]) if events else torch.zeros((0, m), dtype=torch.bool)
+    )
+    info = ETSInfo(
+        cost_delta(engine.cost(), before),
+        max((engine.chains[e[0]].step for e in events), default=0),
+        probs,
+        log_w,
+        chosen,
+        complete,
+        0,
+    )
+    parts = state.parts
+    if engine.done:
+        parts = (*parts, engine.finish(lambda b: finish_batch(cfg, scorer, target, b), Batch))
+        engine = None
+    return state._replace(remaining=0, parts=parts, engine=engine), info
