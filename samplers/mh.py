@@ -10,7 +10,9 @@ Target
     ``log pi(x) = a · sum_t l_t + rest(x)``, with ``l_t = log p_ref(x_t | x_<t)`` and ``rest`` the
     other tilt terms (rewards, constraints) evaluated on complete responses. ``power_target(p, 4)``
     has ``a = 4`` and no rest. With ``support="top_k"`` the target is restricted to responses whose
-    every token lies in the top-``k`` set of its prefix (the law the proposal can reach).
+    every *drawn* token lies in the top-``k`` set of its prefix (the law the proposal can reach);
+    the EOS that ``truncation="condition"`` forces at ``L - 1`` is not drawn and is exempt (its
+    factor ``p_ref(EOS | x_<L)^a`` stays in the target; ``docs/samplers/mcmc.md``, "Support").
 Proposal
     Draw a cut ``j ~ c_x(.)`` over the positions ``0..n-1`` of the current state ``x`` (``n = |x|``,
     EOS included), keep ``x_<j`` and regenerate ``x_j..`` from ``q_tau`` (``p_ref`` at
@@ -626,6 +628,8 @@ def _decode_rows(
                 g = law.log_q.gather(1, tok[:, None]).squeeze(1)
         at_cap = force_rows & (t == caps - 1)
         if bool(at_cap.any()):
+            # the forced EOS is the length convention, not a draw: exempt from support="top_k"
+            # (l from the full softmax; the documented law, docs/samplers/mcmc.md "Support")
             tok = torch.where(at_cap & ~is_forced, eos, tok)
             g = torch.where(
                 at_cap, torch.zeros_like(g), law.log_q.gather(1, tok[:, None]).squeeze(1)

@@ -30,16 +30,23 @@ Resampling
     with one of the schemes of :mod:`tiltsample.resampling`; ancestors reorder the decode session
     (``session.select``), so shared prefixes are never re-encoded.
 Resample-move
-    After a resampling, ``num_moves`` Metropolis–Hastings moves per particle that leave the
-    current intermediate target invariant: a cut ``j`` (``move_cut="uniform"``: one uniform cut
-    shared by the batch, drawn independently of the particles, so its probability cancels;
-    ``"entropy_jump"``: per particle, ``c_x(j) ∝ max(0, H_j - H_{j-1})^beta`` over the particle's
-    positions, ``H_j`` the entropy of ``p_ref(. | x_<j)``), the suffix ``x_{j:t}`` regenerated
-    from ``p_ref`` at ``move_temperature`` inside the current length ``t`` (EOS allowed),
-    accepted with
-    ``min(1, gamma_t(x') q(x_{j:t}) c_{x'}(j) / (gamma_t(x) q(x'_{j:t}) c_x(j)))``; random
+    After every block (a schedule that depends on ``t`` only, whether or not the run resampled),
+    ``num_moves`` Metropolis–Hastings moves per unfinished particle that leave the current
+    intermediate target ``gamma_t`` invariant. ``gamma_t`` lives on the stopped states (complete
+    responses of length ``<= t``, unfinished prefixes of length ``t``); the moves keep that
+    status: a finished particle is left as it is, an unfinished one draws its own cut ``j``
+    (``move_cut="uniform"``: uniform on ``[0, t)``, the same law for every unfinished particle, so
+    it cancels; ``"entropy_jump"``: ``c_x(j) ∝ max(0, H_j - H_{j-1})^beta`` over its ``t``
+    positions, ``H_j`` the entropy of ``p_ref(. | x_<j)``), regenerates ``x_{j:t}`` from
+    ``q'`` = ``p_ref`` at ``move_temperature`` with EOS removed (renormalised), and accepts with
+    ``min(1, gamma_t(x') q'(x_{j:t}) c_{x'}(j) / (gamma_t(x) q'(x'_{j:t}) c_x(j)))``; random
     twists enter as a pseudo-marginal ratio ``psi^(x')/psi^(x)`` with a fresh estimate for
-    ``x'`` (§8).
+    ``x'`` (§8). The kernel is ``gamma_t``-reversible on each class, so it is invariant whichever
+    particles have finished, and since a finished particle never moves again, ending a run when
+    all its particles have finished is exact. Moving only after an ESS-triggered resampling, or
+    letting a move finish a particle that is then never moved back (the kernel and schedule
+    before issue 13), ties the moves to the particles' state and biases the weighted law.
+    Cuts and proposals are drawn per particle, so runs sharing a session are independent.
 Evidence
     ``log Ẑ = sum_epochs (logsumexp(log w) - log N)``, unbiased for ``Z`` (Del Moral 2004) for any
     scheme, threshold and twist; ``-inf`` (not NaN) when every weight of a run is zero. Two
@@ -47,11 +54,14 @@ Evidence
     ``log Z`` and reset the weights) and ``"mean"`` (B: set every weight to the log-mean and read
     ``log Ẑ`` at the end).
 Exactness
-    Consistent (bias and MSE ``O(1/N)``) and ``E[Ẑ] = Z`` for every configuration. With the exact
+    Consistent (bias and MSE ``O(1/N)``) and unbiased for every configuration, moves included:
+    ``E[Ẑ · W(x)] = Z pi(x)`` for every response ``x`` (``W`` the run's normalised weights), hence
+    ``E[Ẑ] = Z`` (tested cell by cell on exact toys). With the exact
     twist and the optimal proposal every incremental weight is deterministic and ``log Ẑ = log Z``
     in every run (zero variance).
 Cost per block
-    ``B`` batched model calls plus one per regenerated token of a move; the twist's cost (per
+    ``B`` batched model calls plus, per move, one call per regenerated position for each distinct
+    cut and one rewrite of the session from the smallest accepted cut; the twist's cost (per
     incomplete particle per block, per child with ``proposal="optimal"``) and one reward call per
     tilt term per finished particle (per EOS child with the optimal proposal). Resampling costs no
     forward tokens.
@@ -59,7 +69,9 @@ Cost per block
 Many independent runs can share one session (``num_particles`` per run,
 ``num_samples / num_particles`` runs): the result then pools the runs with each run's weights
 normalised, so its empirical law is the average of the runs' normalised histograms, and
-``meta["log_evidence_runs"]`` holds each run's ``log Ẑ``.
+``meta["log_evidence_runs"]`` holds each run's ``log Ẑ``. The runs share no random draw
+(resampling uniforms, cuts and proposals are drawn per run or per particle) and never wait on
+each other's state, so they are independent and standard errors over them are honest.
 
 References
 ----------
@@ -79,11 +91,11 @@ import torch
 from torch import Tensor
 
 from tiltsample import validation
-from tiltsample.decoding import decode_until_complete, rows_to_seqs
 from tiltsample.decoding import entropy as _entropy
+from tiltsample.decoding import rows_to_seqs
 from tiltsample.diffusion import is_masked_diffusion
 from tiltsample.policy import DecodeSession, open_session
-from tiltsample.resampling import SCHEMES, conditional_resample_indices, resample_indices
+from tiltsample.resampling import SCHEMES, resample_indices
 from tiltsample.results import SampleSet
 from tiltsample.reward import PrefixPotential
 from tiltsample.sampler import SamplingAlgorithm
@@ -153,7 +165,8 @@ class SMCState(NamedTuple):
     tok_log_p: Tensor
     """``[M, t]`` per-token ``log p_ref`` (0 on padding)."""
     tok_log_q_move: Tensor
-    """``[M, t]`` per-token log-prob under the move proposal (0 on padding and forced EOS)."""
+    """``[M, t]`` per-token log-prob under the moves' EOS-free proposal ``q'`` (0 on EOS, padding
+    and a forced EOS)."""
     log_psi: Tensor
     """``[M]`` stored log-twist of the current prefix (the true log-tilt once finished)."""
     pending: Tensor | None
@@ -300,17 +313,110 @@ def batched_resample(scheme: str, generator: torch.Generator, weights: Tensor) -
 def _conditional_resample(scheme: str, generator: torch.Generator, weights: Tensor) -> Tensor:
     """Conditional ancestors ``[G, N]``: particle 0 of each run keeps its lineage.
 
-    Multinomial is vectorised (the other slots draw freely); the other schemes loop over
-    :func:`tiltsample.resampling.conditional_resample_indices` (the symmetrised scheme given
-    ``A_0 = 0``).
+    Vectorised over the runs, with the laws of :mod:`tiltsample.resampling`'s conditional schemes
+    (the symmetrised scheme given ``A_0 = 0``; a reference of weight 0 falls back to the
+    conditional multinomial scheme): multinomial draws the other slots freely; systematic and
+    stratified size-bias the stratum that hits particle 0's interval in a uniformly permuted input
+    order; residual forces one residual draw of particle 0 unless the reference is one of its
+    deterministic copies. The other ``N - 1`` slots are then a uniform arrangement of the
+    multiset minus one copy of 0.
     """
     groups, n = weights.shape
-    if scheme != "multinomial":
-        return torch.stack([conditional_resample_indices(scheme, generator, w, n) for w in weights])
+    w = weights.to(torch.float64)
+    w = w / w.sum(dim=1, keepdim=True)
     anc = torch.zeros((groups, n), dtype=torch.long)
-    if n > 1:
-        anc[:, 1:] = torch.multinomial(weights, n - 1, replacement=True, generator=generator)
+    if n == 1:
+        return anc
+    if scheme == "multinomial":
+        anc[:, 1:] = torch.multinomial(w, n - 1, replacement=True, generator=generator)
+        return anc
+    zero = w[:, 0] == 0.0
+    if bool(zero.any()):  # no conditional law: the other slots draw freely
+        anc[zero, 1:] = torch.multinomial(w[zero], n - 1, replacement=True, generator=generator)
+    rest = (~zero).nonzero().flatten()
+    if rest.numel():
+        if scheme == "residual":
+            picks = _conditional_residual_rows(generator, w[rest])
+        else:
+            picks = _conditional_inverse_cdf_rows(generator, w[rest], scheme == "systematic")
+        anc[rest] = _arrange_after_reference(generator, picks)
     return anc
+
+
+def _arrange_after_reference(generator: torch.Generator, picks: Tensor) -> Tensor:
+    """``[0, uniform arrangement of the rest]`` for ancestor rows ``[G, N]`` whose column 0 holds
+    a copy of ancestor 0."""
+    groups, n = picks.shape
+    order = torch.argsort(torch.rand((groups, n - 1), generator=generator), dim=1)
+    out = torch.zeros_like(picks)
+    out[:, 1:] = picks[:, 1:].gather(1, order)
+    return out
+
+
+def _conditional_inverse_cdf_rows(generator: torch.Generator, w: Tensor, shared: bool) -> Tensor:
+    """Systematic (``shared``) or stratified ancestors ``[G, N]`` given that particle 0 is drawn,
+    with that draw in column 0 (weights ``[G, N]`` with ``w[:, 0] > 0``)."""
+    groups, n = w.shape
+    f64 = torch.float64
+    tau = torch.argsort(torch.rand((groups, n), generator=generator), dim=1)  # input order
+    wt = w.gather(1, tau)
+    cdf = torch.cumsum(wt, dim=1)
+    cdf[:, -1] = 1.0  # guard against round-off
+    r = (tau == 0).to(torch.long).argmax(dim=1)  # where particle 0 sits in that order
+    before = torch.cat([torch.zeros((groups, 1), dtype=f64), torch.cumsum(wt, dim=1)], dim=1)
+    lo = n * before.gather(1, r[:, None]).squeeze(1)
+    hi = lo + n * w[:, 0]
+    strata = torch.arange(n, dtype=f64)[None, :]
+    overlap = (torch.minimum(strata + 1.0, hi[:, None]) - torch.maximum(strata, lo[:, None])).clamp(
+        min=0.0
+    )
+    k = torch.multinomial(overlap / overlap.sum(dim=1, keepdim=True), 1, generator=generator)
+    k = k.squeeze(1)
+    kf = k.to(f64)
+    start, stop = torch.maximum(kf, lo), torch.minimum(kf + 1.0, hi)
+    v = start + (stop - start) * torch.rand(groups, generator=generator, dtype=f64)
+    u_k = (v - kf).clamp(min=0.0, max=math.nextafter(1.0, 0.0))
+    if shared:
+        offsets = u_k[:, None].expand(-1, n).clone()
+    else:
+        offsets = torch.rand((groups, n), generator=generator, dtype=f64)
+        offsets.scatter_(1, k[:, None], u_k[:, None])
+    u = (torch.arange(n, dtype=f64)[None, :] + offsets) / n
+    pos = torch.searchsorted(cdf, u.contiguous(), right=True).clamp_(max=n - 1)
+    pos.scatter_(1, k[:, None], r[:, None])  # point k lies in particle 0's interval
+    picks = tau.gather(1, pos)
+    # move the reference's draw (column k) to column 0
+    first = picks[:, :1].clone()
+    picks.scatter_(1, k[:, None], first)
+    picks[:, 0] = 0
+    return picks
+
+
+def _conditional_residual_rows(generator: torch.Generator, w: Tensor) -> Tensor:
+    """Residual ancestors ``[G, N]`` given that particle 0 is drawn, that draw in column 0
+    (weights ``[G, N]`` with ``w[:, 0] > 0``)."""
+    groups, n = w.shape
+    scaled = n * w
+    copies = torch.floor(scaled).long()
+    rest = n - copies.sum(dim=1)
+    resid = (scaled - copies.to(torch.float64)).clamp(min=0.0)
+    u = torch.rand(groups, generator=generator, dtype=torch.float64)
+    deterministic = u * scaled[:, 0] < copies[:, 0].to(torch.float64)
+    forced = ~deterministic & (rest > 0)  # the reference is a residual draw of particle 0
+    free = rest - forced.long()
+    counts = copies.clone()
+    counts[:, 0] += forced.long()
+    width = int(free.max()) if free.numel() else 0
+    if width > 0:
+        has = rest > 0
+        probs = torch.where(has[:, None], resid, torch.ones_like(resid))
+        extra = torch.multinomial(
+            probs / probs.sum(dim=1, keepdim=True), width, replacement=True, generator=generator
+        )
+        keep = torch.arange(width)[None, :] < free[:, None]
+        counts.scatter_add_(1, extra, keep.long())
+    flat = torch.repeat_interleave(torch.arange(n).repeat(groups), counts.reshape(-1))
+    return flat.view(groups, n)  # sorted per row: column 0 is a copy of ancestor 0
 
 
 def _log_mean(values: Tensor) -> Tensor:
@@ -687,9 +793,7 @@ def _step(
         if forced:
             lq_move = torch.zeros(m, dtype=torch.float64)
         else:
-            lq_move = (
-                _tempered(logp_all, config.move_temperature).gather(1, tok[:, None]).squeeze(1)
-            )
+            lq_move = _gather_move_log_q(logp_all, tok, config.move_temperature, eos)
         zero = torch.zeros(m, dtype=torch.float64)
         session.extend(tok)
         rows.log_p = rows.log_p + torch.where(live, lp, zero)
@@ -778,13 +882,15 @@ def _step(
     if bool(resampled.any()):
         session.select(ancestors)
         rows.select(ancestors)
-        if config.num_moves and state.reference is None:
-            mask = resampled.repeat_interleave(n)
-            for _ in range(config.num_moves):
-                rows, c, a, p = _move(config, target, session, rows, mask, generator)
-                cost = cost + c
-                accepted += a
-                proposed += p
+    if config.num_moves and state.reference is None:
+        # after every block, in every run, resampled or not: a schedule that depends on t only
+        # (moving only after an ESS-triggered resampling would tie the moves to the weights)
+        mask = torch.ones(m, dtype=torch.bool)
+        for _ in range(config.num_moves):
+            rows, c, a, p = _move(config, target, session, rows, mask, generator)
+            cost = cost + c
+            accepted += a
+            proposed += p
     cost = cost + Cost(generated_tokens=generated) + _cost_delta(session.cost, session_before)
     new_state = SMCState(
         target=target,
@@ -855,6 +961,45 @@ def _adapt(
     return rows, cost
 
 
+def _move_log_q(logp_all: Tensor, temperature: float, eos: int) -> Tensor:
+    """``log q'`` ``[B, V]`` of the moves' proposal: ``p_ref`` at ``temperature`` with EOS removed
+    and the rest renormalised (rows where only EOS is possible are all ``-inf``).
+
+    A move keeps an unfinished particle unfinished, so it regenerates from this law; the stored
+    ``tok_log_q_move`` holds it for every token of an unfinished prefix (the reverse move).
+    """
+    log_q = _tempered(logp_all, temperature).clone()
+    log_q[:, eos] = -math.inf
+    total = torch.logsumexp(log_q, dim=1, keepdim=True)
+    return torch.where(torch.isfinite(total), log_q - total, torch.full_like(log_q, -math.inf))
+
+
+def _gather_move_log_q(logp_all: Tensor, tok: Tensor, temperature: float, eos: int) -> Tensor:
+    """``log q'(tok)`` per row (0 for EOS, which a move never proposes)."""
+    lq = _move_log_q(logp_all, temperature, eos).gather(1, tok[:, None]).squeeze(1)
+    return torch.where(tok == eos, torch.zeros_like(lq), lq)
+
+
+class _Proposal(NamedTuple):
+    """The outcome of one batch of move proposals (rows ``rows``, all cut at ``j``)."""
+
+    rows: Tensor
+    j: int
+    accepted: Tensor
+    """``[a]`` bool."""
+    suffix: Tensor
+    """``[a, t - j]`` proposed tokens (never EOS)."""
+    log_p: Tensor
+    log_q: Tensor
+    entropy: Tensor
+    """``[a, t - j]`` per-token ``log p_ref``, ``log q'`` and entropy of the proposals."""
+    phi: Tensor
+    """``[a]`` the proposals' potential (a fresh twist, or the fully adapted potential)."""
+    pending: Tensor | None
+    pending_reward: Tensor | None
+    """``[a, V]`` the proposals' children (optimal proposal only)."""
+
+
 def _move(
     config: SMCConfig,
     target: TiltedTarget,
@@ -863,56 +1008,59 @@ def _move(
     mask: Tensor,
     generator: torch.Generator,
 ) -> tuple[_Rows, Cost, int, int]:
-    """One MH suffix-regeneration move on the rows in ``mask`` (``specs/smc.md`` §8).
+    """One MH suffix-regeneration move on the unfinished rows in ``mask`` (``specs/smc.md`` §8).
 
-    Leaves ``gamma_t(x) = p(x) phi(x)`` invariant, where ``phi`` is the stored twist (the true
-    tilt for complete particles; the fully adapted potential with the optimal proposal).
-
-    ``move_cut="uniform"``: one cut ``j`` uniform on ``[0, t)`` shared by the batch (independent of
-    the particles, so it cancels); a particle that ended before ``j`` stays. ``"entropy_jump"``:
-    each particle draws its own cut ``j ~ c_x`` over its positions ``[0, |x|)``
-    (:func:`tiltsample.samplers.mh.cut_log_probs`, ``|x| = t`` for an incomplete prefix); rows
-    with the same cut are proposed as one batch, and the ratio gets ``log c_{x'}(j) - log c_x(j)``.
+    The state space of ``gamma_t`` (``t`` = the session length) is the stopped one: complete
+    responses of length ``<= t`` and unfinished prefixes of length ``t``. The move keeps that
+    status: a finished particle is left as it is (the identity is ``gamma_t``-invariant), and an
+    unfinished one draws its own cut ``j`` (``move_cut="uniform"``: uniform on ``[0, t)``, the same
+    law for every unfinished particle, so it cancels; ``"entropy_jump"``: ``c_x(j)`` over its
+    ``t`` positions, corrected in the ratio), regenerates ``x_{j:t}`` from the EOS-free proposal
+    ``q'`` (:func:`_move_log_q`) and accepts with
+    ``min(1, gamma_t(x') q'(x_{j:t}) c_{x'}(j) / (gamma_t(x) q'(x'_{j:t}) c_x(j)))``. The kernel
+    is ``gamma_t``-reversible on each of the two classes, hence ``gamma_t``-invariant whichever
+    particles are finished, and a finished particle never changes again, so stopping a run once
+    every particle has finished is exact. Cuts are drawn per particle, so runs sharing the
+    session stay independent. Rows with the same cut are proposed as one batch; the session is
+    rewritten once, from the smallest accepted cut.
     """
     t = session.length
-    if t == 0:
+    idx = (mask & ~rows.finished).nonzero().flatten()
+    if t == 0 or idx.numel() == 0:
         return rows, Cost(), 0, 0
     if config.move_cut == "uniform":
-        j = int(torch.randint(t, (1,), generator=generator))
-        # a particle that ended before the cut is left unchanged (x' = x)
-        ended_before = (session.tokens()[:, :j] == target.eos_id).any(dim=1)
-        active = (mask & ~ended_before).nonzero().flatten()
-        if active.numel() == 0:
-            return rows, Cost(), 0, 0
-        return _move_group(config, target, session, rows, active, j, generator, None)
-    rows_idx = mask.nonzero().flatten()
-    if rows_idx.numel() == 0:
-        return rows, Cost(), 0, 0
-    lengths = _lengths(session.tokens()[rows_idx], target.eos_id)
-    log_c = cut_log_probs(
-        rows.tok_entropy[rows_idx], lengths, config.move_cut, config.move_cut_power
-    )
-    cuts = torch.multinomial(torch.exp(log_c), 1, generator=generator).squeeze(1)
+        cuts = torch.randint(t, (idx.numel(),), generator=generator)
+        log_c: Tensor | None = None
+    else:
+        lengths = torch.full((idx.numel(),), t, dtype=torch.long)
+        log_c = cut_log_probs(
+            rows.tok_entropy[idx], lengths, config.move_cut, config.move_cut_power
+        )
+        cuts = torch.multinomial(torch.exp(log_c), 1, generator=generator).squeeze(1)
     cost = Cost()
-    accepted = proposed = 0
+    proposals: list[_Proposal] = []
     for j in sorted(set(cuts.tolist())):
         sel = cuts == j
-        rows, c, a, p = _move_group(
-            config, target, session, rows, rows_idx[sel], j, generator, log_c[sel, j]
+        prop, c = _propose(
+            config,
+            target,
+            session,
+            rows,
+            idx[sel],
+            j,
+            generator,
+            None if log_c is None else log_c[sel, j],
         )
-        cost, accepted, proposed = cost + c, accepted + a, proposed + p
-    return rows, cost, accepted, proposed
+        proposals.append(prop)
+        cost = cost + c
+    n_acc = sum(int(p.accepted.sum()) for p in proposals)
+    if n_acc:
+        rows, c = _apply_moves(config, target, session, rows, proposals)
+        cost = cost + c
+    return rows, cost, n_acc, int(idx.numel())
 
 
-def _lengths(tokens: Tensor, eos: int) -> Tensor:
-    """``[B]`` response lengths of EOS-padded rows (EOS included; the width if none)."""
-    width = tokens.shape[1]
-    is_eos = tokens == eos
-    first = torch.where(is_eos.any(dim=1), is_eos.to(torch.long).argmax(dim=1) + 1, width)
-    return first.to(torch.long)
-
-
-def _move_group(
+def _propose(
     config: SMCConfig,
     target: TiltedTarget,
     session: DecodeSession,
@@ -921,146 +1069,156 @@ def _move_group(
     j: int,
     generator: torch.Generator,
     log_cut_old: Tensor | None,
-) -> tuple[_Rows, Cost, int, int]:
-    """Propose ``x' = (x_<j, new suffix)`` for the rows ``active`` (all cut at ``j``) and accept.
+) -> tuple[_Proposal, Cost]:
+    """Propose ``x' = (x_<j, new suffix)`` for the unfinished rows ``active`` and decide.
 
-    ``log_cut_old``: ``log c_x(j)`` of a particle-dependent cut law (``None``: a cut that cancels).
+    ``log_cut_old``: ``log c_x(j)`` of a particle-dependent cut law (``None``: a cut law that
+    cancels). A proposal that reaches a prefix where only EOS is possible is rejected.
     """
-    eos, cap = target.eos_id, target.max_new_tokens
+    eos = target.eos_id
     t = session.length
-    cost = Cost()
-    tokens = session.tokens()
+    a, width = active.numel(), t - j
+    f64 = torch.float64
     twin = session.fork()
     twin.select(active)
-    twin.truncate(t - j)
-    decoded = decode_until_complete(
-        twin,
-        generator,
-        eos_id=eos,
-        max_length=t,
-        temperature=config.move_temperature,
-        force_eos_at_cap=target.truncation == "condition" and t == cap,
-        record_entropy=True,
-    )
-    assert decoded.token_entropy is not None  # asked for with record_entropy=True
-    a = active.numel()
-    width = decoded.tokens.shape[1]
-    new_suffix = torch.full((a, t - j), eos, dtype=torch.long)
-    new_suffix[:, :width] = decoded.tokens
-    new_lp = torch.zeros((a, t - j), dtype=torch.float64)
-    new_lp[:, :width] = decoded.token_log_p
-    new_lq = torch.zeros((a, t - j), dtype=torch.float64)
-    new_lq[:, :width] = decoded.token_log_q
-    new_h = torch.zeros((a, t - j), dtype=torch.float64)
-    new_h[:, :width] = decoded.token_entropy
+    twin.truncate(width)
+    suffix = torch.empty((a, width), dtype=torch.long)
+    new_lp = torch.zeros((a, width), dtype=f64)
+    new_lq = torch.zeros((a, width), dtype=f64)
+    new_h = torch.zeros((a, width), dtype=f64)
+    stuck = torch.zeros(a, dtype=torch.bool)
+    for s in range(width):
+        logp_all = twin.logprobs().to(f64)
+        law = _move_log_q(logp_all, config.move_temperature, eos)
+        ok = torch.isfinite(law).any(dim=1)
+        stuck |= ~ok
+        fallback = torch.full_like(law, -math.inf)
+        fallback[:, (eos + 1) % law.shape[1]] = 0.0  # any non-EOS token: the row is rejected
+        tok = _draw(generator, torch.where(ok[:, None], law, fallback))
+        suffix[:, s] = tok
+        new_lp[:, s] = logp_all.gather(1, tok[:, None]).squeeze(1)
+        new_lq[:, s] = torch.where(ok, law.gather(1, tok[:, None]).squeeze(1), 0.0)
+        new_h[:, s] = _entropy(logp_all)
+        twin.extend(tok)
+    cost = Cost(generated_tokens=a * width)
+    tokens = session.tokens()
     prefix_lp = rows.tok_log_p[active, :j].sum(dim=1)
     new_log_p = prefix_lp + new_lp.sum(dim=1)
-    new_finished = (new_suffix == eos).any(dim=1) | (t == cap)
-    new_tokens = torch.cat([tokens[active, :j], new_suffix], dim=1)
-    seqs = rows_to_seqs(new_tokens, eos)
-    # potential of the proposals: G when complete, a fresh twist otherwise
-    phi_new = torch.full((a,), -math.inf, dtype=torch.float64)
-    rew_new = torch.full((a,), math.nan, dtype=torch.float64)
-    vocab = target.vocab_size
-    pend_new = torch.full((a, vocab), -math.inf, dtype=torch.float64)
-    pend_new[:, eos] = 0.0
-    pend_rew_new = torch.full((a, vocab), math.nan, dtype=torch.float64)
-    done_idx = new_finished.nonzero().flatten()
-    live_idx = (~new_finished).nonzero().flatten()
-    if done_idx.numel():
-        scores = target.evaluate_tilt(
-            [seqs[i] for i in done_idx.tolist()], log_reference=new_log_p[done_idx]
-        )
-        phi_new[done_idx] = scores.log_tilt
-        if scores.reward is not None:
-            rew_new[done_idx] = scores.reward
-        cost = cost + scores.cost
-    if live_idx.numel():
-        logp_twin = (
-            twin.logprobs().to(torch.float64)[live_idx] if config.proposal == "optimal" else None
-        )
+    stuck |= torch.isneginf(new_log_p)
+    seqs = rows_to_seqs(torch.cat([tokens[active, :j], suffix], dim=1), eos)
+    # the proposals' potential: a fresh twist (or the fully adapted potential and its children)
+    phi_new = torch.full((a,), -math.inf, dtype=f64)
+    pend_new: Tensor | None = None
+    pend_rew_new: Tensor | None = None
+    if config.proposal == "optimal":
+        vocab = target.vocab_size
+        pend_new = torch.full((a, vocab), -math.inf, dtype=f64)
+        pend_new[:, eos] = 0.0
+        pend_rew_new = torch.full((a, vocab), math.nan, dtype=f64)
+    live = (~stuck).nonzero().flatten()
+    if live.numel():
+        logp_twin = twin.logprobs().to(f64)[live] if config.proposal == "optimal" else None
         pot, child, crew, c = _potential(
             config,
             target,
-            [seqs[i] for i in live_idx.tolist()],
-            new_log_p[live_idx],
+            [seqs[i] for i in live.tolist()],
+            new_log_p[live],
             logp_twin,
             t,
             generator,
             twin,
-            live_idx,
+            live,
         )
-        phi_new[live_idx] = pot
-        if child is not None and crew is not None:
-            pend_new[live_idx] = child
-            pend_rew_new[live_idx] = crew
+        phi_new[live] = pot
+        if pend_new is not None and pend_rew_new is not None:
+            assert child is not None and crew is not None  # the optimal proposal's children
+            pend_new[live] = child
+            pend_rew_new[live] = crew
         cost = cost + c
-    cost = cost + twin.cost + Cost(generated_tokens=decoded.generated_tokens)
-    # potential of the current particles
+    cost = cost + twin.cost
+    # the current particles' potential
     old_phi = rows.log_psi[active]
     if config.proposal == "optimal" and rows.log_next is not None:
-        old_phi = torch.where(rows.finished[active], old_phi, rows.log_next[active])
+        old_phi = rows.log_next[active]
     old_lp = rows.tok_log_p[active, j:].sum(dim=1)
     old_lq = rows.tok_log_q_move[active, j:].sum(dim=1)
-    log_new = torch.where(torch.isneginf(phi_new), phi_new, new_lp.sum(dim=1) + phi_new)
+    log_new = torch.where(stuck | torch.isneginf(phi_new), -math.inf, new_lp.sum(dim=1) + phi_new)
     log_old = torch.where(torch.isneginf(old_phi), old_phi, old_lp + old_phi)
     log_ratio = torch.where(
-        torch.isneginf(log_old),
-        torch.where(torch.isneginf(log_new), -math.inf, math.inf),
+        torch.isneginf(log_new),
+        torch.full_like(log_new, -math.inf),
         torch.where(
-            torch.isneginf(log_new),
-            torch.full_like(log_new, -math.inf),
+            torch.isneginf(log_old),
+            torch.full_like(log_new, math.inf),
             (log_new - new_lq.sum(dim=1)) - (log_old - old_lq),
         ),
     )
     if log_cut_old is not None:  # the cut law's correction log c_{x'}(j) - log c_x(j)
         h_new = torch.cat([rows.tok_entropy[active, :j], new_h], dim=1)
-        len_new = _lengths(new_tokens, eos)
-        log_cut_new = cut_log_probs(h_new, len_new, config.move_cut, config.move_cut_power)[:, j]
+        lengths = torch.full((a,), t, dtype=torch.long)
+        log_cut_new = cut_log_probs(h_new, lengths, config.move_cut, config.move_cut_power)[:, j]
         log_ratio = torch.where(
             torch.isfinite(log_ratio), log_ratio + log_cut_new - log_cut_old, log_ratio
         )
         log_ratio = torch.where(torch.isneginf(log_cut_new), -math.inf, log_ratio)
-    log_u = torch.log(torch.rand(a, generator=generator, dtype=torch.float64))
-    acc = log_u < log_ratio
-    n_acc = int(acc.sum())
-    if n_acc:
-        merged = tokens[:, j:].clone()
-        merged[active[acc]] = new_suffix[acc]
-        session.truncate(t - j)
-        session.extend(merged)
-        hit = active[acc]
-        rows.finished[hit] = new_finished[acc]
-        rows.log_p[hit] = new_log_p[acc]
-        rows.tok_log_p = rows.tok_log_p.clone()
-        rows.tok_log_p[hit, j:] = new_lp[acc]
-        rows.tok_log_q_move = rows.tok_log_q_move.clone()
-        rows.tok_log_q_move[hit, j:] = new_lq[acc]
-        rows.tok_entropy = rows.tok_entropy.clone()
-        rows.tok_entropy[hit, j:] = new_h[acc]
-        rows.log_psi = rows.log_psi.clone()
-        rows.reward = rows.reward.clone()
-        fin = new_finished[acc]
-        rows.reward[hit] = torch.where(fin, rew_new[acc], torch.full_like(rew_new[acc], math.nan))
-        if config.proposal == "optimal":
-            if rows.pending is None or rows.pending_reward is None or rows.log_next is None:
-                m = rows.log_w.numel()
-                rows.pending = torch.full((m, vocab), -math.inf, dtype=torch.float64)
-                rows.pending[:, eos] = 0.0
-                rows.pending_reward = torch.full((m, vocab), math.nan, dtype=torch.float64)
-                rows.log_next = rows.log_psi.clone()
-            # complete: psi = G; incomplete: the stored twist is unchanged in meaning, but the
-            # fully adapted potential and the children are the fresh ones
-            rows.log_psi[hit] = torch.where(fin, phi_new[acc], rows.log_psi[hit])
-            rows.pending = rows.pending.clone()
-            rows.pending_reward = rows.pending_reward.clone()
-            rows.log_next = rows.log_next.clone()
-            rows.pending[hit] = pend_new[acc]
-            rows.pending_reward[hit] = pend_rew_new[acc]
-            rows.log_next[hit] = phi_new[acc]
+    log_u = torch.log(torch.rand(a, generator=generator, dtype=f64))
+    accepted = log_u < log_ratio
+    return (
+        _Proposal(
+            active, j, accepted, suffix, new_lp, new_lq, new_h, phi_new, pend_new, pend_rew_new
+        ),
+        cost,
+    )
+
+
+def _apply_moves(
+    config: SMCConfig,
+    target: TiltedTarget,
+    session: DecodeSession,
+    rows: _Rows,
+    proposals: Sequence[_Proposal],
+) -> tuple[_Rows, Cost]:
+    """Write the accepted proposals into ``rows`` and rewrite the session once, from the smallest
+    accepted cut (the other rows get their own tokens back)."""
+    t = session.length
+    j0 = min(p.j for p in proposals if bool(p.accepted.any()))
+    tokens = session.tokens()[:, j0:].clone()
+    rows.tok_log_p = rows.tok_log_p.clone()
+    rows.tok_log_q_move = rows.tok_log_q_move.clone()
+    rows.tok_entropy = rows.tok_entropy.clone()
+    rows.log_p = rows.log_p.clone()
+    rows.log_psi = rows.log_psi.clone()
+    optimal = config.proposal == "optimal"
+    if optimal:
+        if rows.pending is None or rows.pending_reward is None or rows.log_next is None:
+            raise RuntimeError("the optimal proposal's children must be drawn before a move")
+        rows.pending = rows.pending.clone()
+        rows.pending_reward = rows.pending_reward.clone()
+        rows.log_next = rows.log_next.clone()
+    for p in proposals:
+        acc = p.accepted
+        if not bool(acc.any()):
+            continue
+        hit = p.rows[acc]
+        tokens[hit, p.j - j0 :] = p.suffix[acc]
+        rows.tok_log_p[hit, p.j :] = p.log_p[acc]
+        rows.tok_log_q_move[hit, p.j :] = p.log_q[acc]
+        rows.tok_entropy[hit, p.j :] = p.entropy[acc]
+        rows.log_p[hit] = rows.tok_log_p[hit].sum(dim=1)
+        if optimal:
+            assert rows.pending is not None and rows.pending_reward is not None
+            assert rows.log_next is not None
+            assert p.pending is not None and p.pending_reward is not None
+            # the stored twist of the prefix is not read again before the next draw
+            # overwrites it; the fully adapted potential and the children are the fresh ones
+            rows.log_next[hit] = p.phi[acc]
+            rows.pending[hit] = p.pending[acc]
+            rows.pending_reward[hit] = p.pending_reward[acc]
         else:
-            rows.log_psi[hit] = phi_new[acc]
-    return rows, cost, n_acc, a
+            rows.log_psi[hit] = p.phi[acc]
+    session.truncate(t - j0)  # its forward tokens are counted by the caller's session delta
+    session.extend(tokens)
+    return rows, Cost()
 
 
 def _replace_rows(
@@ -1131,7 +1289,7 @@ def state_from_sequences(
         if target.truncation == "condition" and pos == cap - 1:
             lq = torch.zeros(m, dtype=torch.float64)
         else:
-            lq = _tempered(logp_all, config.move_temperature).gather(1, tok[:, None]).squeeze(1)
+            lq = _gather_move_log_q(logp_all, tok, config.move_temperature, eos)
         tok_lp[:, pos] = torch.where(live, lp, torch.zeros_like(lp))
         tok_lq[:, pos] = torch.where(live, lq, torch.zeros_like(lq))
         tok_h[:, pos] = torch.where(live, _entropy(logp_all), torch.zeros_like(lq))
@@ -1177,8 +1335,10 @@ def rejuvenate(
 ) -> SMCState:
     """Apply ``num_moves`` MH suffix-regeneration moves to every particle (weights unchanged).
 
-    Each move leaves the current intermediate target ``gamma_t`` invariant (``specs/smc.md`` §8);
-    ``params`` are those of :func:`sampler` (twist, proposal, move temperature).
+    Each move leaves the current intermediate target ``gamma_t`` invariant (``specs/smc.md`` §8):
+    unfinished particles are moved among unfinished prefixes of the current length, finished
+    ones stay as they are (the kernel of :func:`_move`); ``params`` are those of :func:`sampler`
+    (twist, proposal, move temperature, cut law).
     """
     validation.non_negative_int("num_moves", num_moves)
     config = make_config(**params)
@@ -1202,10 +1362,8 @@ def rejuvenate(
 def log_evidence_runs(state: SMCState) -> Tensor:
     """``[G]`` ``log Ẑ`` of every run (``-inf`` for a failed run, never NaN)."""
     n, groups = state.num_particles, state.num_groups
-    out = torch.empty(groups, dtype=torch.float64)
-    for g in range(groups):
-        level = _log_mean(state.log_w[g * n : (g + 1) * n])
-        out[g] = state.log_z[g] + level
+    level = torch.logsumexp(state.log_w.view(groups, n), dim=1) - math.log(n)
+    out = state.log_z + level
     return torch.where(torch.isnan(out), torch.full_like(out, -math.inf), out)
 
 
@@ -1217,11 +1375,9 @@ def result(state: SMCState) -> SampleSet:
     runs = log_evidence_runs(state)
     log_w = state.log_w.clone()
     if groups > 1:
-        for g in range(groups):
-            sl = slice(g * n, (g + 1) * n)
-            top = torch.logsumexp(log_w[sl], 0)
-            if bool(torch.isfinite(top)):
-                log_w[sl] = log_w[sl] - top
+        lw = log_w.view(groups, n)
+        top = torch.logsumexp(lw, dim=1, keepdim=True)
+        log_w = torch.where(torch.isfinite(top), lw - top, lw).reshape(-1)
     pooled = float(_log_mean(runs)) if groups > 1 else float(runs[0])
     meta: dict[str, Any] = {
         "num_particles": n,
@@ -1314,8 +1470,9 @@ def sampler(
     resampling
         ``"systematic"`` (default), ``"stratified"``, ``"residual"`` or ``"multinomial"``.
     num_moves, move_temperature
-        MH rejuvenation moves after each resampling and their proposal temperature (default: the
-        proposal's temperature).
+        MH rejuvenation moves per unfinished particle after every block (resampled or not; see
+        the module docstring) and their proposal temperature (default: the proposal's
+        temperature).
     move_cut, move_cut_power
         The moves' cut law: ``"uniform"`` (default) or ``"entropy_jump"``
         (``c_x(j) ∝ max(0, H_j - H_{j-1})^move_cut_power``, uniform when every jump vanishes; the

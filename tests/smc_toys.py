@@ -9,18 +9,20 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+from scipy.stats import f as f_dist
 
 from tiltsample import TiltedTarget
 from tiltsample.samplers import smc
 from tiltsample.samplers.twists import PrefixTable, Twist
-from tiltsample.target import Truncation
+from tiltsample.target import Truncation, power_target
 from tiltsample.targets.masked_diffusion import masked_diffusion_toy
 from tiltsample.targets.rewards import ConstraintReward, CountFractionReward
 from tiltsample.targets.tabular import random_tabular
 from tiltsample.targets.toys import tabular_toy
+from tiltsample.theory import exact_distribution
 from tiltsample.theory.smc_exact import twisted_proposal_law
 from tiltsample.types import Seq
 
@@ -104,3 +106,111 @@ def merge_rare(
         keep_e.append(rest_e)
     total_o, total_e = sum(keep_o), sum(keep_e)
     return keep_o, [e * total_o / total_e for e in keep_e]
+
+
+def power_graded_toy(truncation: Truncation = "stop", seed: int = 3) -> TiltedTarget:
+    """V = 3 (EOS = 0), L = 3: ``p_ref^1.5 · exp(fraction of token 1)``, ``p(EOS) = 0.4`` at
+    every position.
+
+    The power factor makes the prefix twist differ from no twist; the frequent EOS makes runs
+    whose particles have all finished before the cap common, which is where a move schedule that
+    depends on the particles' state goes wrong.
+    """
+    policy = random_tabular(gen(seed), 3, 3, concentration=1.0, eos_prob=0.4)
+    base = power_target(policy, 1.5, max_new_tokens=3, truncation=truncation)
+    return base.tilt(CountFractionReward(1, 0), lam=1.0)
+
+
+class WeightedLawCheck(NamedTuple):
+    """The evidence-weighted particle law of ``R`` runs against ``pi`` (see
+    :func:`weighted_law_check`)."""
+
+    statistic: float
+    """Hotelling's ``T² = R d' S⁻¹ d`` of the cell deviations ``d`` (``inf`` off-support)."""
+    critical: float
+    """Its ``1 - alpha`` quantile under ``E[Ẑ/Z · W(x)] = pi(x)`` (scaled F law)."""
+    dof: int
+    worst: str
+    """The cell with the largest ``|z|`` (a sequence, or ``"rest"`` for the merged rare cells)."""
+    estimate: float
+    exact: float
+    z: float
+    resolution: float
+    """Relative bias of the heaviest cell this sample resolves at 4 standard errors."""
+    outside: int
+    """Particles off the support of ``pi`` (must be 0)."""
+
+    @property
+    def ok(self) -> bool:
+        return self.outside == 0 and self.statistic < self.critical
+
+    def __str__(self) -> str:
+        return (
+            f"T2={self.statistic:.1f} (crit {self.critical:.1f}, dof {self.dof}); worst "
+            f"{self.worst}: {self.estimate:.4f} vs {self.exact:.4f} (z={self.z:.1f}); "
+            f"resolution {self.resolution:.3f}; outside {self.outside}"
+        )
+
+
+def weighted_law_check(
+    state: smc.SMCState, *, alpha: float = 1e-3, floor: float = 0.01
+) -> WeightedLawCheck:
+    """Test ``E[Ẑ/Z · W(x)] = pi(x)`` for every sequence from the runs of ``state``.
+
+    SMC's unnormalised particle measure is unbiased at every ``N`` (Del Moral 2004), so the
+    per-run vectors ``v_r(x) = (Ẑ_r/Z) W_r(x)`` have mean exactly ``pi``. Cells with
+    ``pi(x) < floor`` are merged into one; Hotelling's ``T²`` with the runs' own covariance
+    (pseudo-inverse: an exact linear constraint such as a deterministic ``Ẑ`` removes a degree of
+    freedom) is compared with its ``F`` quantile.
+    """
+    target = state.target
+    pi = exact_distribution(target)
+    keys = list(pi.support)
+    probs = torch.tensor([pi.prob(x) for x in keys], dtype=torch.float64)
+    big = [i for i, p in enumerate(probs.tolist()) if p >= floor]
+    names = [str(keys[i]) for i in big]
+    cell_of = {keys[i]: c for c, i in enumerate(big)}
+    rare = len(big) < len(keys)
+    if rare:
+        names.append("rest")
+    k = len(names)
+    exact = torch.zeros(k, dtype=torch.float64)
+    for x, p in zip(keys, probs.tolist(), strict=True):
+        exact[cell_of.get(x, k - 1)] += p
+    n, r = state.num_particles, state.num_groups
+    result = smc.result(state)
+    support = set(keys)
+    outside = sum(1 for x in result.sequences if x not in support)
+    col = torch.tensor([cell_of.get(x, k - 1) for x in result.sequences]).view(r, n)
+    lw = result.log_weights.view(r, n)
+    top = torch.logsumexp(lw, dim=1, keepdim=True)
+    w = torch.where(torch.isfinite(top), torch.exp(lw - top), torch.zeros_like(lw))
+    per_run = torch.zeros((r, k), dtype=torch.float64).scatter_add_(1, col, w)
+    scale = torch.exp(smc.log_evidence_runs(state) - pi.log_z)
+    values = scale[:, None] * per_run
+    mean = values.mean(dim=0)
+    dev = mean - exact
+    evals, evecs = torch.linalg.eigh(torch.cov(values.T))
+    keep = evals > 1e-12 * float(evals.max().clamp(min=1e-300))
+    proj = evecs.T @ dev
+    if bool((proj[~keep].abs() > 1e-9).any()):
+        statistic = math.inf  # a deviation along a direction the runs never vary in
+    else:
+        statistic = float(r * (proj[keep] ** 2 / evals[keep]).sum())
+    dof = int(keep.sum())
+    critical = dof * (r - 1) / (r - dof) * float(f_dist.ppf(1 - alpha, dof, r - dof))
+    se = values.std(dim=0) / math.sqrt(r)
+    z = torch.where(se > 0, dev / se.clamp(min=1e-300), torch.where(dev == 0, 0.0, math.inf))
+    worst = int(torch.argmax(z.abs()))
+    heavy = int(torch.argmax(exact))
+    return WeightedLawCheck(
+        statistic,
+        critical,
+        dof,
+        names[worst],
+        float(mean[worst]),
+        float(exact[worst]),
+        float(z[worst]),
+        float(4 * se[heavy] / exact[heavy]),
+        outside,
+    )

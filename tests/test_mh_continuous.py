@@ -301,9 +301,8 @@ def test_queued_chains_follow_the_exact_kernel() -> None:
 def test_continuous_power_sampling_on_the_embedded_language_model() -> None:
     """KV-cached session rows cut, re-fed and restarted independently: the stored per-token
     log-probs equal a fresh recompute; every generated token is counted once."""
-    tasks = pytest.importorskip("tiltsample.targets.tasks")
-    if not hasattr(tasks, "load_policy"):
-        pytest.skip("the embedded model lands with the transformers-backend work")
+    from tiltsample.targets import tasks
+
     policy = tasks.load_policy()
     problem = tasks.held_out_problems(1)[0]
     prompt = tasks.problem_target(problem, policy).prompt

@@ -226,14 +226,16 @@ def test_max_swap_accepts_iff_the_suffix_likelihood_increases() -> None:
         target, num_samples=10, num_steps=15, alpha=math.inf, proposal_temperature=0.6
     )
     accepted = 0
-    for before, _, info in run_steps(alg, 0, 15):
+    for before, state, info in run_steps(alg, 0, 15):
+        after = mh.record(state).sequences
         for c, x in enumerate(before):
             j = int(info.cut[c])
             xp = proposal_of(info, c)
+            assert 0 <= j < len(x) and xp[:j] == x[:j]  # a cut inside x; the prefix is kept
             gain = float(target.log_reference([xp])[0] - target.log_reference([x])[0])
             assert bool(info.accepted[c]) == (gain > 1e-12)
+            assert after[c] == (xp if bool(info.accepted[c]) else x)
             accepted += int(info.accepted[c])
-            assert j >= 0
     assert accepted > 0
 
 
@@ -479,6 +481,59 @@ def test_one_step_from_a_fixed_state_is_the_kernel_row() -> None:
     assert_draws_follow(out.sequences, row)
 
 
+def top_k_law(target: TiltedTarget, k: int, *, exempt_forced_eos: bool) -> dict[Seq, float]:
+    """``pi`` restricted to responses whose tokens all lie in their prefix's top-``k`` set; with
+    ``exempt_forced_eos`` the EOS that ``truncation="condition"`` forces at ``L - 1`` is not
+    required to (it is not drawn)."""
+    law = exact_distribution(target).as_dict()
+    keep = {}
+    for x, p in law.items():
+        drawn = len(x)
+        if exempt_forced_eos and target.truncation == "condition":
+            drawn = min(drawn, target.max_new_tokens - 1)
+        rows = target.policy.next_logprobs(target.prompt, [x[:t] for t in range(drawn)])
+        if all(x[t] in torch.topk(rows[t], min(k, rows.shape[1])).indices for t in range(drawn)):
+            keep[x] = p
+    total = sum(keep.values())
+    return {x: p / total for x, p in keep.items()}
+
+
+def test_top_k_under_condition_exempts_the_forced_eos() -> None:
+    """The documented law of ``support="top_k"`` with ``truncation="condition"``
+    (docs/samplers/mcmc.md, "Support"): ``p^alpha`` restricted to responses whose *drawn* tokens
+    lie in their top-k sets; the EOS forced at ``L - 1`` is the length convention, not a draw,
+    and is exempt. The exact kernel's target is that law; chains started from it stay at it
+    (chi-square), including the responses whose forced EOS is outside the top-k set (12% of the
+    mass on this toy, so the strict restriction would fail the same test)."""
+    policy = random_tabular(torch.Generator().manual_seed(9), 3, 4, concentration=1.0)
+    target = tiltsample.power_target(policy, 2.0, max_new_tokens=4, truncation="condition")
+    k = 2
+    law = top_k_law(target, k, exempt_forced_eos=True)
+    strict = top_k_law(target, k, exempt_forced_eos=False)
+    kernel = mh_kernel(target, proposal_temperature=0.5, support="top_k", top_k=k)
+    held = kernel.as_dict(kernel.target)
+    assert max(abs(held.get(x, 0.0) - law.get(x, 0.0)) for x in set(held) | set(law)) < 1e-12
+    outside = sum(p for x, p in law.items() if x not in strict)
+    assert outside > 0.1
+    n = 3000
+    keys = list(law)
+    probs = torch.tensor([law[x] for x in keys], dtype=torch.float64)
+    idx = torch.multinomial(probs, n, replacement=True, generator=torch.Generator().manual_seed(0))
+    alg = mh.power_sampler(
+        target,
+        num_samples=n,
+        num_steps=2,
+        support="top_k",
+        top_k=k,
+        initial=[keys[i] for i in idx.tolist()],
+    )
+    out = tiltsample.sample(alg, target, n, seed=1)
+    assert out.cost.generated_tokens > 0
+    assert_draws_follow(out.sequences, law)
+    seen = sum(1 for x in out.sequences if x not in strict) / n
+    assert abs(seen - outside) < 4 * math.sqrt(outside * (1 - outside) / n)
+
+
 def exact_expected_tv(kernel: MHKernel, draws: int) -> float:
     """Expected TV of ``draws`` stationary chain draws: sum_x sqrt(tau_x p(1-p) / (2 pi draws))."""
     total = 0.0
@@ -634,9 +689,8 @@ def test_composed_power_and_reward_target_is_sampled_exactly() -> None:
 def test_power_sampling_on_the_embedded_language_model() -> None:
     """KV-cached sessions: after forks, selects and truncates the stored per-token log-probs still
     equal a fresh recompute, in both batching modes; responses are valid and costs add up."""
-    tasks = pytest.importorskip("tiltsample.targets.tasks")
-    if not hasattr(tasks, "load_policy"):
-        pytest.skip("the embedded model lands with the transformers-backend work")
+    from tiltsample.targets import tasks
+
     policy = tasks.load_policy()
     problem = tasks.held_out_problems(1)[0]
     prompt = tasks.problem_target(problem, policy).prompt

@@ -15,6 +15,7 @@ import torch
 from scipy.stats import chisquare
 
 from tiltsample import resampling
+from tiltsample.samplers import smc
 from tiltsample.theory.smc_exact import ancestor_law, conditional_ancestor_law
 
 SCHEMES = ("multinomial", "systematic", "stratified", "residual")
@@ -47,19 +48,31 @@ def test_the_sorted_systematic_scheme_lacks_it() -> None:
     assert abs(hits - 0.6) < 0.05  # min(1, 3 · 0.2), far from 0.2
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
-@pytest.mark.parametrize(("weights", "n"), CASES[1:])
-def test_conditional_scheme_is_the_conditioned_law(
-    scheme: str, weights: list[float], n: int
-) -> None:
-    exact = conditional_ancestor_law(scheme, weights, n)
+def _draws(
+    scheme: str, weights: list[float], n: int, draws: int, batched: bool
+) -> Counter[tuple[int, ...]]:
+    """``draws`` conditional ancestor vectors: one call per draw (tiltsample.resampling), or one
+    batched call over ``draws`` runs (the vectorised scheme of samplers/smc.py)."""
     g = torch.Generator().manual_seed(1)
-    draws = 3000
     w = torch.tensor(weights, dtype=torch.float64)
-    counts = Counter(
+    if batched:
+        rows = smc._conditional_resample(scheme, g, w.expand(draws, -1).clone())
+        return Counter(tuple(r) for r in rows.tolist())
+    return Counter(
         tuple(resampling.conditional_resample_indices(scheme, g, w, n).tolist())
         for _ in range(draws)
     )
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["per-run", "batched"])
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize(("weights", "n"), CASES[1:])
+def test_conditional_scheme_is_the_conditioned_law(
+    scheme: str, weights: list[float], n: int, batched: bool
+) -> None:
+    exact = conditional_ancestor_law(scheme, weights, n)
+    draws = 3000
+    counts = _draws(scheme, weights, n, draws, batched)
     assert set(counts) <= set(exact)
     # the multiset of the other slots (the part the scheme shapes) ...
     ms_exact: Counter[tuple[int, ...]] = Counter()
@@ -98,6 +111,25 @@ def test_conditional_scheme_keeps_slot_zero_and_is_reproducible(scheme: str) -> 
     zero = torch.tensor([0.0, 0.5, 0.5], dtype=torch.float64)
     anc = resampling.conditional_resample_indices(scheme, g, zero, 3)
     assert int(anc[0]) == 0 and bool((anc[1:] > 0).all())
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_batched_conditional_scheme_handles_mixed_runs(scheme: str) -> None:
+    """Runs with different weights in one call, a reference of weight zero and a reference
+    carrying all the weight: slot 0 keeps ancestor 0, the rest follows each run's weights."""
+    w = torch.tensor(
+        [[0.05, 0.7, 0.1, 0.15], [0.0, 0.5, 0.5, 0.0], [1.0, 0.0, 0.0, 0.0], [0.25] * 4],
+        dtype=torch.float64,
+    )
+    g = torch.Generator().manual_seed(3)
+    for _ in range(200):
+        anc = smc._conditional_resample(scheme, g, w)
+        assert anc.shape == (4, 4) and bool((anc[:, 0] == 0).all())
+        assert bool((w.gather(1, anc)[:, 1:] > 0).all())  # no free slot takes weight zero
+        assert bool((anc[2] == 0).all())
+    a = smc._conditional_resample(scheme, torch.Generator().manual_seed(5), w)
+    b = smc._conditional_resample(scheme, torch.Generator().manual_seed(5), w)
+    assert torch.equal(a, b)
 
 
 def test_bad_scheme_names_itself() -> None:

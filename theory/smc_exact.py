@@ -6,7 +6,11 @@ r"""Exact quantities of the SMC samplers on enumerable toys (``specs/smc.md`` §
   ``p(x) G(x)``, incomplete prefixes of length ``t`` weigh ``p(s) psi(s)``. Resample-move must
   leave it invariant.
 * :func:`move_kernel` — the exact transition matrix of one resample-move MH move over the stopped
-  states of ``gamma_t`` (uniform or entropy-jump cuts, with or without the cut-law correction).
+  states of ``gamma_t`` (uniform or entropy-jump cuts, with or without the cut-law correction;
+  the sampler's status-keeping kernel or the EOS-reopening one it replaced).
+* :func:`resample_move_law` — the exact weighted law ``E[Ẑ/Z · 1{x}]`` of one-particle SMC with
+  moves after every block (``pi`` exactly when the schedule is invariant), and of the biased
+  schedule of the past (``legacy=True``).
 * :func:`twisted_proposal_law` — the path law of the twist-induced (locally optimal) proposal
   ``q_psi(v | s) ∝ p(v | s) psi(s + v)``, the sampler's law with one particle; with the exact twist
   it is ``pi``.
@@ -63,6 +67,7 @@ __all__ = [
     "move_kernel",
     "one_particle_bounds",
     "prefix_log_probs",
+    "resample_move_law",
     "sandwich_table",
     "spec_toy",
     "twisted_proposal_law",
@@ -175,20 +180,34 @@ def move_kernel(
     cut: str = "uniform",
     cut_power: float = 4.0,
     correct: bool = True,
+    keep_status: bool = True,
 ) -> MoveKernel:
     r"""Exact transition matrix of one resample-move step of :mod:`tiltsample.samplers.smc`.
 
-    States are the support of ``gamma_t`` (:func:`intermediate_law`). From ``x`` (length
-    ``n_x``; ``t`` if incomplete) a cut ``j`` is drawn: ``cut="uniform"`` is the sampler's shared
-    cut, ``j`` uniform on ``[0, t)`` with no move when ``j >= n_x``; ``"entropy_jump"`` is
-    ``c_x(j) ∝ max(0, H_j - H_{j-1})^cut_power`` on ``[0, n_x)`` (uniform when every jump is 0),
-    ``H_j`` the entropy of ``p_ref(. | x_<j)``. The suffix is regenerated from ``p_ref`` at
-    ``temperature`` until EOS or length ``t`` (EOS forced at ``L - 1`` under
-    ``truncation="condition"`` when ``t = L``), and accepted with
+    States are the support of ``gamma_t`` (:func:`intermediate_law`): complete responses of
+    length ``<= t`` and unfinished prefixes of length ``t``.
+
+    ``keep_status=True`` (the sampler's kernel): a complete state stays where it is. From an
+    unfinished ``x`` a cut ``j`` is drawn (``cut="uniform"``: uniform on ``[0, t)``;
+    ``"entropy_jump"``: ``c_x(j) ∝ max(0, H_j - H_{j-1})^cut_power`` on ``[0, t)``, uniform when
+    every jump is 0, ``H_j`` the entropy of ``p_ref(. | x_<j)``), ``x_{j:t}`` is regenerated from
+    ``q'`` = ``p_ref`` at ``temperature`` with EOS removed and renormalised (a prefix where only
+    EOS is possible ends the proposal: the move is rejected), and accepted with
 
     .. math::
 
-        \min\Big(1, \frac{\gamma_t(x') q(x_{j:}) c_{x'}(j)}{\gamma_t(x) q(x'_{j:}) c_x(j)}\Big).
+        \min\Big(1, \frac{\gamma_t(x') q'(x_{j:}) c_{x'}(j)}{\gamma_t(x) q'(x'_{j:}) c_x(j)}\Big).
+
+    The kernel is ``gamma_t``-reversible on each class (complete, unfinished).
+
+    ``keep_status=False``: the kernel of the sampler before the fix of issue 13 (and the literal
+    reading of ``specs/smc.md`` §8): every state moves; the cut is uniform on ``[0, t)`` with no
+    move when ``j >= n_x`` (``n_x`` the state's length) or the entropy-jump law on ``[0, n_x)``;
+    the suffix is regenerated from ``p_ref`` at ``temperature`` until EOS or length ``t`` (EOS
+    forced at ``L - 1`` under ``truncation="condition"`` when ``t = L``), so a move can finish an
+    unfinished particle and reopen a finished one. It is ``gamma_t``-reversible too, but a
+    schedule that stops moving a particle once it has finished (:func:`resample_move_law` with
+    ``legacy=True``) is not invariant.
 
     ``correct=False`` drops ``c_{x'}(j)/c_x(j)`` (the naive kernel, not ``gamma_t``-invariant for
     a particle-dependent cut law). Tiny toys only (one policy call per prefix).
@@ -209,13 +228,24 @@ def move_kernel(
             )
         return cache[prefix]
 
+    def log_q(prefix: Seq) -> Tensor:
+        """The proposal's next-token law after ``prefix``."""
+        lp = logp(prefix)
+        lqs = lp if temperature == 1.0 else torch.log_softmax(lp / temperature, dim=0)
+        if not keep_status:
+            return lqs
+        lqs = lqs.clone()
+        lqs[eos] = -math.inf
+        total = torch.logsumexp(lqs, dim=0)
+        return lqs - total if bool(torch.isfinite(total)) else torch.full_like(lqs, -math.inf)
+
     def entropy(prefix: Seq) -> float:
         lp = logp(prefix)
         fin = torch.isfinite(lp)
         return float(-torch.where(fin, torch.exp(lp) * lp, torch.zeros_like(lp)).sum())
 
     def suffixes(prefix: Seq) -> list[tuple[Seq, float]]:
-        """Stopped continuations of ``prefix`` with cap ``t`` and their ``log q``."""
+        """Continuations of ``prefix`` the proposal reaches and their ``log q``."""
         out: list[tuple[Seq, float]] = []
         stack: list[tuple[Seq, float]] = [(prefix, 0.0)]
         while stack:
@@ -223,12 +253,10 @@ def move_kernel(
             if len(u) == t:
                 out.append((u, lq))
                 continue
-            if condition and len(u) == cap - 1:
+            if condition and len(u) == cap - 1 and not keep_status:
                 out.append(((*u, eos), lq))
                 continue
-            lp = logp(u)
-            lqs = lp if temperature == 1.0 else torch.log_softmax(lp / temperature, dim=0)
-            for v, value in enumerate(lqs.tolist()):
+            for v, value in enumerate(log_q(u).tolist()):
                 if value == -math.inf:
                     continue
                 child = (*u, v)
@@ -254,26 +282,29 @@ def move_kernel(
         for k in range(j, len(x)):
             if condition and k == cap - 1:
                 continue
-            lp = logp(x[:k])
-            lqs = lp if temperature == 1.0 else torch.log_softmax(lp / temperature, dim=0)
-            total += float(lqs[x[k]])
+            total += float(log_q(x[:k])[x[k]])
         return total
 
     size = len(states)
     matrix = torch.zeros((size, size), dtype=torch.float64)
     log_gamma = {x: math.log(p) for x, p in gamma.items()}
     for a, x in enumerate(states):
+        if keep_status and target.is_complete(x):
+            matrix[a, a] = 1.0
+            continue
         cx = log_cut(x)
         for j, lc in enumerate(cx):
             if lc == -math.inf:
                 continue
             pc = math.exp(lc)
-            if j >= length(x):  # uniform shared cut past the end: no move
+            if j >= length(x):  # uniform cut past the end: no move
                 matrix[a, a] += pc
                 continue
             back = log_q_suffix(x, j)
+            reached = 0.0
             for y, lq in suffixes(x[:j]):
                 prob = pc * math.exp(lq)
+                reached += prob
                 if y not in index:
                     matrix[a, a] += prob
                     continue
@@ -283,8 +314,101 @@ def move_kernel(
                 acc = 1.0 if log_r >= 0 else math.exp(log_r)
                 matrix[a, index[y]] += prob * acc
                 matrix[a, a] += prob * (1 - acc)
+            matrix[a, a] += max(pc - reached, 0.0)  # proposals stuck before length t
     probs = torch.tensor([gamma[x] for x in states], dtype=torch.float64)
     return MoveKernel(states, matrix, probs)
+
+
+def resample_move_law(
+    target: TiltedTarget,
+    log_twist: LogTwist | str = "none",
+    *,
+    temperature: float = 1.0,
+    cut: str = "uniform",
+    cut_power: float = 4.0,
+    num_moves: int = 1,
+    legacy: bool = False,
+) -> dict[Seq, float]:
+    r"""The exact weighted law ``E[Ẑ/Z · 1{x_T = x}]`` of one-particle SMC with resample-move.
+
+    With ``N = 1`` resampling is the identity and ``Ẑ`` is the particle's weight, so the
+    unnormalised measure ``mu_t(x) = E[Ẑ_t 1{x_t = x}]`` follows a linear recursion over the
+    stopped states: an extension step (``mu_t(x v) += mu_{t-1}(x) p(v|x) psi(x v) / psi(x)``
+    for an unfinished ``x``, finished states kept; it does not depend on the proposal) and
+    ``num_moves`` moves (:func:`move_kernel`) after every block. Exact invariance makes
+    ``mu_t = gamma_t`` at every ``t``, so the result is ``pi`` itself: the check of a move
+    schedule without sampling noise. ``legacy=True`` composes the schedule this library used
+    before issue 13 instead (the ``keep_status=False`` kernel, applied only while the particle is
+    unfinished), which over-weights early EOS. Twists as in :func:`intermediate_law`; one token
+    per block. Tiny toys only.
+    """
+    log_p = prefix_log_probs(target)
+    cap = target.max_new_tokens
+    exact = exact_distribution(target)
+
+    def log_psi(states: list[Seq]) -> dict[Seq, float]:
+        """``log gamma_t / p`` of states: ``log G`` when complete, the twist otherwise."""
+        out: dict[Seq, float] = {}
+        comp = [x for x in states if target.is_complete(x)]
+        inc = [x for x in states if not target.is_complete(x)]
+        if comp:
+            ref = torch.tensor([log_p[x] for x in comp], dtype=torch.float64)
+            tilt = target.evaluate_tilt(comp, log_reference=ref).log_tilt.tolist()
+            out.update(zip(comp, tilt, strict=True))
+        if inc:
+            ref = torch.tensor([log_p[x] for x in inc], dtype=torch.float64)
+            if log_twist == "exact":
+                psi = exact_energies(target).log_energies(inc)
+            elif log_twist == "none":
+                psi = torch.zeros(len(inc), dtype=torch.float64)
+            elif callable(log_twist):
+                psi = log_twist(inc, ref).to(torch.float64)
+            else:
+                raise ValueError(
+                    f"log_twist must be 'exact', 'none' or a callable, got {log_twist!r}"
+                )
+            out.update(zip(inc, psi.tolist(), strict=True))
+        return out
+
+    mu: dict[Seq, float] = {(): 1.0}  # E[W 1{x}], psi_0 = 1
+    for t in range(1, cap + 1):
+        nxt: dict[Seq, float] = {}
+        parents = [x for x in mu if not target.is_complete(x)]
+        children = [c for c in log_p if len(c) == t and c[:-1] in mu]
+        psi = log_psi(parents + children)
+        psi[()] = 0.0  # psi_0 = 1, whatever the twist says about the empty prefix
+        for x, m in mu.items():
+            if target.is_complete(x):
+                nxt[x] = nxt.get(x, 0.0) + m
+        for c in children:
+            x = c[:-1]
+            if target.is_complete(x) or psi[c] == -math.inf or mu[x] == 0.0:
+                continue
+            step = log_p[c] - log_p[x] + psi[c] - psi[x]
+            nxt[c] = nxt.get(c, 0.0) + mu[x] * math.exp(step)
+        mu = nxt
+        if not any(not target.is_complete(x) for x in mu):
+            continue  # every state finished: moves are the identity
+        kernel = move_kernel(
+            target,
+            t,
+            log_twist,
+            temperature=temperature,
+            cut=cut,
+            cut_power=cut_power,
+            keep_status=not legacy,
+        )
+        power = torch.linalg.matrix_power(kernel.matrix, num_moves)
+        if legacy:  # the particle stops moving once it has finished
+            done = torch.tensor([target.is_complete(x) for x in kernel.states])
+            power[done] = torch.eye(len(kernel.states), dtype=torch.float64)[done]
+        vec = torch.tensor([mu.get(x, 0.0) for x in kernel.states], dtype=torch.float64)
+        if sum(mu.values()) - float(vec.sum()) > 1e-12 * max(1.0, sum(mu.values())):
+            raise RuntimeError("mass outside the support of gamma_t")  # pragma: no cover
+        moved = (vec @ power).tolist()
+        mu = {x: v for x, v in zip(kernel.states, moved, strict=True) if v > 0.0}
+    z = math.exp(exact.log_z)
+    return {x: m / z for x, m in mu.items()}
 
 
 def twisted_proposal_law(target: TiltedTarget, log_twist: LogTwist) -> dict[Seq, float]:
@@ -597,9 +721,20 @@ def modes_table(
     target: TiltedTarget, ns: tuple[int, ...] = (8, 32, 128, 512), runs: int = 400
 ) -> list[dict[str, float | int | str]]:
     """``specs/smc.md`` §14: prefix / lookahead (exact twists) / opt (exact twists + optimal
-    proposal) SMC with adaptive systematic resampling, ``runs`` runs per cell."""
+    proposal) SMC with adaptive systematic resampling, ``runs`` runs per cell.
+
+    The particles of a run are weighted and, after resampling, duplicated: not ``N`` i.i.d.
+    draws, so each TV column comes with two references, both the exact expected TV
+    (:func:`~tiltsample.theory.distances.expected_tv_iid`) of an i.i.d. sample of ``pi``: of size
+    ``N`` (``R·N`` for the histogram pooled over the ``R`` runs), what exact draws would give, and
+    of size ESS (**the ESS floor**), ESS the Kong ESS ``(Σw)²/Σw²`` of a run's final weights
+    (column ``"ESS"``: the mean over runs; per run for ``"TV(run)"``, summed over runs for the
+    pooled histogram). Neither is a bound for weighted particles: Kong's ESS summarises weight
+    degeneracy, not the per-response variance of a weighted histogram, and counts resampled
+    copies as distinct. A TV far above both is bias.
+    """
     from tiltsample.samplers import smc
-    from tiltsample.theory.distances import tv, tv_noise_floor
+    from tiltsample.theory.distances import expected_tv_iid, tv
     from tiltsample.theory.energies import ExactPotential
 
     exact = exact_distribution(target)
@@ -622,12 +757,16 @@ def modes_table(
             log_z = smc.log_evidence_runs(state)
             out = smc.result(state)
             w = (out.normalized_weights() * runs).tolist()
-            per_run = []
+            per_run, ess, ess_floor = [], [], []
             for r in range(runs):
                 law: dict[Seq, float] = {}
                 for i in range(r * n, (r + 1) * n):
                     law[out.sequences[i]] = law.get(out.sequences[i], 0.0) + w[i]
                 per_run.append(tv(law, exact))
+                lw = out.log_weights[r * n : (r + 1) * n]
+                log_ess = 2 * torch.logsumexp(lw, 0) - torch.logsumexp(2 * lw, 0)
+                ess.append(float(torch.exp(log_ess)))
+                ess_floor.append(expected_tv_iid(exact, max(1, round(ess[-1]))))
             rows.append(
                 {
                     "mode": mode,
@@ -635,9 +774,13 @@ def modes_table(
                     "E[Z]/Z": float(torch.exp(log_z - exact.log_z).mean()),
                     "E[logZ]-logZ": float(log_z.mean()) - exact.log_z,
                     "sd(logZ)": float(log_z.std()),
+                    "ESS": sum(ess) / runs,
                     "TV(run)": sum(per_run) / runs,
+                    "iid floor(run)": expected_tv_iid(exact, n),
+                    "ESS floor(run)": sum(ess_floor) / runs,
                     "TV(mean hist)": tv(out.empirical(), exact),
-                    "floor": tv_noise_floor(exact, runs * n),
+                    "iid floor(hist)": expected_tv_iid(exact, runs * n),
+                    "ESS floor(hist)": expected_tv_iid(exact, max(1, round(sum(ess)))),
                 }
             )
     return rows
