@@ -544,7 +544,7 @@ def random_masked_diffusion(
     Every vector has positive probability, so every state has well-defined conditionals.
     ``**kw`` goes to :class:`MaskedDiffusionToy` (``order``, ``num_steps``, ...).
     """
-    from tiltsample.targets.tabular import _log_dirichlet
+    from tiltsample.targets.tabular import log_dirichlet
 
     validation.generator("generator", generator)
     validation.positive_int("vocab_size", vocab_size)
@@ -554,7 +554,7 @@ def random_masked_diffusion(
     if vocab_size**length > MAX_JOINT:
         raise ValueError(f"vocab_size**length = {vocab_size**length} exceeds {MAX_JOINT}")
     concentration = validation.positive_float("concentration", concentration)
-    flat = _log_dirichlet(generator, concentration, vocab_size**length)
+    flat = log_dirichlet(generator, concentration, vocab_size**length)
     return MaskedDiffusionToy.from_flat(flat, vocab_size, length, eos_id, **kw)
 
 

@@ -115,7 +115,7 @@ class TabularPolicy:
         return f"TabularPolicy(V={self._vocab}, eos={self._eos}, max_len={self.max_len})"
 
 
-def _log_dirichlet(generator: torch.Generator, concentration: float, size: int) -> Tensor:
+def log_dirichlet(generator: torch.Generator, concentration: float, size: int) -> Tensor:
     """``log`` of a Dirichlet(concentration·1) draw, computed without underflow.
 
     Uses ``G_a = G_{a+1} · U^{1/a}`` (so ``log G_a = log G_{a+1} + log(U)/a``) with ``G_{a+1}`` by
@@ -172,10 +172,10 @@ def random_tabular(
     for length in range(max_len):
         for prefix in itertools.product(others, repeat=length):
             if eos_prob is None:
-                row = _log_dirichlet(generator, concentration, vocab_size)
+                row = log_dirichlet(generator, concentration, vocab_size)
             else:
                 row = torch.full((vocab_size,), -math.inf, dtype=torch.float64)
-                body = _log_dirichlet(generator, concentration, vocab_size - 1)
+                body = log_dirichlet(generator, concentration, vocab_size - 1)
                 row[others] = body + math.log1p(-eos_prob)
                 row[eos_id] = math.log(eos_prob) if eos_prob > 0 else -math.inf
             table[prefix] = row

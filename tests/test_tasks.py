@@ -279,11 +279,11 @@ def test_shipped_diffusion_model_is_mediocre_but_capable(dlm: Any) -> None:
 def test_policy_sampler_matches_the_training_evaluation_sampler(dlm: Any) -> None:
     """The policy's denoise_step and the batched evaluation loop are the same base sampler:
     at temperature ~0 (argmax draws) both give the same responses."""
-    from tiltsample.targets.tasks.train import _dlm_samples
+    from tiltsample.targets.tasks.evaluation import dlm_samples
 
     problems = tasks.held_out_problems(3, seed=2)
     cold = dlm.with_options(temperature=1e-6)
-    fast = _dlm_samples(dlm.model, problems, 1, 0.0, torch.Generator(), 48, 8, 1)
+    fast = dlm_samples(dlm.model, problems, 1, 0.0, torch.Generator(), 48, 8, 1)
     for p, (want,) in zip(problems, fast, strict=True):
         seqs, states, cost = cold.sample(p.prompt_ids(), 1, torch.Generator().manual_seed(0))
         assert seqs[0] == want

@@ -34,187 +34,33 @@ thread count ⇒ the same weights bit for bit.
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from tiltsample import validation
 
-from .arithmetic import ArithmeticTask, Problem, extract_answer_ids, generate_problems
-from .tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID, VOCAB, build_tokenizer
+from .arithmetic import Problem, generate_problems
+from .evaluation import evaluate
+from .tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID, build_tokenizer
+from .train_config import PRESETS, Kind, TrainConfig, build_model, model_config
 
-Kind = Literal["ar", "dlm"]
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that determines a trained model (it is saved beside the weights)."""
-
-    kind: Kind = "ar"
-    steps: int = 1000
-    batch_size: int = 64
-    lr: float = 3e-3
-    warmup: int = 50
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    seed: int = 0
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    intermediate_size: int = 384
-    num_train_problems: int = 40_000
-    response_length: int = 48
-    """Fixed response length ``L`` of the masked-diffusion model (positions, EOS padding)."""
-    mask_t_min: float = 0.05
-    block_length: int = 8
-    """Block length of the masked-diffusion model's semi-autoregressive sampler (and of the
-    block-structured training masks)."""
-    block_mask_fraction: float = 0.75
-    shift: bool = False
-    """Masked diffusion: read the prediction of position ``j`` from the network output at
-    ``j - 1`` (Dream-style), which keeps a causal LM's next-token head meaningful."""
-    init_from: str | None = None
-    """Start from the weights of a shipped model (``targets/tasks/models/<name>``) instead of a
-    random initialisation (adapting an autoregressive model into a masked-diffusion one, as
-    DiffuLLaMA / Dream do)."""
-    """Fraction of masked-diffusion training examples whose mask has the block structure the
-    sampler visits (earlier blocks revealed, the current block partly masked, later blocks fully
-    masked; only the current block is scored); the rest are masked uniformly (LLaDA)."""
-    task: ArithmeticTask = field(default_factory=ArithmeticTask)
-    threads: int = 1
-    """torch intra-op threads: float sums are reduced in a thread-count-dependent order, so the
-    count is part of what determines the weights bit for bit."""
-
-    def __post_init__(self) -> None:
-        validation.one_of("kind", self.kind, ("ar", "dlm"))
-        for name in (
-            "steps",
-            "batch_size",
-            "hidden_size",
-            "num_layers",
-            "num_heads",
-            "intermediate_size",
-            "num_train_problems",
-            "response_length",
-        ):
-            validation.positive_int(name, getattr(self, name))
-        validation.non_negative_int("warmup", self.warmup)
-        validation.non_negative_int("seed", self.seed)
-        validation.positive_int("threads", self.threads)
-        validation.positive_float("lr", self.lr)
-        validation.unit_interval("mask_t_min", self.mask_t_min, closed=False)
-        validation.positive_int("block_length", self.block_length)
-        validation.unit_interval("block_mask_fraction", self.block_mask_fraction)
-        if self.response_length % self.block_length:
-            raise ValueError(
-                f"block_length={self.block_length} must divide response_length="
-                f"{self.response_length}"
-            )
-        if self.hidden_size % self.num_heads:
-            raise ValueError("hidden_size must be a multiple of num_heads")
-        if self.kind == "dlm" and self.response_length < self.task.max_response_tokens:
-            raise ValueError(
-                f"response_length={self.response_length} is shorter than the task's longest "
-                f"response ({self.task.max_response_tokens} tokens)"
-            )
-
-    def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["task"] = self.task.as_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        d = dict(d)
-        d["task"] = ArithmeticTask(**d.get("task", {}))
-        return cls(**d)
-
-
-#: The configurations of the shipped checkpoints (``targets/tasks/models/<name>``).
-PRESETS: dict[str, TrainConfig] = {
-    # trained with two threads: `train-tiny --model arith-ar` reproduces the shipped bits
-    "arith-ar": TrainConfig(kind="ar", steps=450, threads=2),
-    "arith-dlm": TrainConfig(
-        kind="dlm", steps=1200, lr=1e-3, shift=True, init_from="arith-ar", block_mask_fraction=1.0
-    ),
-    # small, fast variants for tests of the training script itself
-    "tiny-ar": TrainConfig(
-        kind="ar",
-        steps=30,
-        batch_size=16,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=2,
-        intermediate_size=64,
-        num_train_problems=500,
-        task=ArithmeticTask(min_ops=1, max_ops=2),
-    ),
-    "tiny-dlm": TrainConfig(
-        kind="dlm",
-        steps=30,
-        batch_size=16,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=2,
-        intermediate_size=64,
-        num_train_problems=500,
-        response_length=28,
-        block_length=4,
-        task=ArithmeticTask(min_ops=1, max_ops=2),
-    ),
-}
-
-
-def model_config(config: TrainConfig) -> Any:
-    """The ``Qwen2Config`` of a training configuration."""
-    from transformers import Qwen2Config
-
-    options: dict[str, Any] = {
-        "vocab_size": len(VOCAB),
-        "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_size,
-        "num_hidden_layers": config.num_layers,
-        "num_attention_heads": config.num_heads,
-        "num_key_value_heads": config.num_heads,
-        "max_position_embeddings": 128,
-        "tie_word_embeddings": True,
-        "bos_token_id": BOS_ID,
-        "eos_token_id": EOS_ID,
-        "pad_token_id": PAD_ID,
-        # a generic config attribute (not in Qwen2Config's signature): bidirectional attention
-        "is_causal": config.kind == "ar",
-        "attention_dropout": 0.0,
-    }
-    return Qwen2Config(**options)
-
-
-def build_model(config: TrainConfig) -> Any:
-    """A freshly initialised model; the global RNG is seeded locally and restored."""
-    from transformers import Qwen2ForCausalLM
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        model = Qwen2ForCausalLM(model_config(config))
-    if config.init_from is not None:
-        from safetensors.torch import load_file
-
-        from tiltsample.targets.tasks import model_path
-
-        weights = load_file(str(model_path(config.init_from) / "model.safetensors"))
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        if unexpected or any(not k.endswith("lm_head.weight") for k in missing):
-            raise ValueError(
-                f"init_from={config.init_from!r} does not match this architecture "
-                f"(missing {missing}, unexpected {unexpected})"
-            )
-        model.tie_weights()
-    return model
+__all__ = [
+    "PRESETS",
+    "Kind",
+    "TrainConfig",
+    "TrainResult",
+    "build_model",
+    "evaluate",
+    "main_train",
+    "model_config",
+    "train",
+]
 
 
 # ------------------------------------------------------------------------------ batches
@@ -444,149 +290,6 @@ def _save(
             "forbidden_ids": [PAD_ID, BOS_ID],
         }
         (folder / "tiltsample_diffusion.json").write_text(json.dumps(options, indent=1) + "\n")
-
-
-# ------------------------------------------------------------------------------ evaluation
-def _group_by_prompt_length(problems: Sequence[Problem]) -> list[list[int]]:
-    groups: dict[int, list[int]] = {}
-    for i, p in enumerate(problems):
-        groups.setdefault(len(p.prompt_ids()), []).append(i)
-    return [groups[k] for k in sorted(groups)]
-
-
-@torch.no_grad()
-def _ar_samples(
-    model: Any,
-    problems: Sequence[Problem],
-    num: int,
-    temperature: float,
-    gen: torch.Generator,
-    max_new: int,
-) -> list[list[tuple[int, ...]]]:
-    """``num`` responses per problem, batched over problems of equal prompt length."""
-    from tiltsample.targets import hf_compat
-
-    out: list[list[tuple[int, ...]]] = [[] for _ in problems]
-    for group in _group_by_prompt_length(problems):
-        ctx = torch.tensor([problems[i].prompt_ids() for i in group]).repeat_interleave(num, 0)
-        cache = hf_compat.new_dynamic_cache()
-        with_cache = hf_compat.forward_cache_kwargs(model, cache)
-        logits = model(input_ids=ctx, **with_cache).logits[:, -1]
-        rows = ctx.shape[0]
-        toks = torch.zeros((rows, 0), dtype=torch.long)
-        live = torch.ones(rows, dtype=torch.bool)
-        for _ in range(max_new):
-            lp = torch.log_softmax(logits.to(torch.float64), dim=-1)
-            if temperature == 0.0:
-                tok = torch.argmax(lp, dim=-1)
-            else:
-                tok = torch.multinomial(torch.softmax(lp / temperature, -1), 1, generator=gen)[:, 0]
-            tok = torch.where(live, tok, torch.full_like(tok, EOS_ID))
-            toks = torch.cat([toks, tok[:, None]], dim=1)
-            live = live & (tok != EOS_ID)
-            if not bool(live.any()):
-                break
-            logits = model(input_ids=tok[:, None], **with_cache).logits[:, -1]
-        for r, row in enumerate(toks.tolist()):
-            if EOS_ID in row:
-                row = row[: row.index(EOS_ID) + 1]
-            out[group[r // num]].append(tuple(row))
-    return out
-
-
-@torch.no_grad()
-def _dlm_samples(
-    model: Any,
-    problems: Sequence[Problem],
-    num: int,
-    temperature: float,
-    gen: torch.Generator,
-    length: int,
-    block: int,
-    shift: int = 0,
-) -> list[list[tuple[int, ...]]]:
-    """``num`` responses per problem from the drawn-confidence sampler: one token per step,
-    semi-autoregressive blocks of ``block`` positions (the shipped policy's defaults)."""
-    out: list[list[tuple[int, ...]]] = [[] for _ in problems]
-    forbidden = torch.tensor([PAD_ID, BOS_ID, MASK_ID])
-    for group in _group_by_prompt_length(problems):
-        ctx = torch.tensor([problems[i].prompt_ids() for i in group]).repeat_interleave(num, 0)
-        rows = ctx.shape[0]
-        state = torch.full((rows, length), MASK_ID, dtype=torch.long)
-        for step in range(length):
-            logits = model(input_ids=torch.cat([ctx, state], 1), use_cache=False).logits
-            lp = torch.log_softmax(
-                logits[:, ctx.shape[1] - shift : ctx.shape[1] - shift + length]
-                .to(torch.float64)
-                .index_fill(-1, forbidden, -math.inf),
-                dim=-1,
-            )
-            if temperature == 0.0:
-                drawn = torch.argmax(lp, dim=-1)
-            else:
-                probs = torch.softmax(lp / temperature, -1).reshape(-1, lp.shape[-1])
-                drawn = torch.multinomial(probs, 1, generator=gen).view(rows, length)
-            score = lp.gather(-1, drawn[..., None]).squeeze(-1)
-            eligible = torch.zeros(length, dtype=torch.bool)
-            lo = (step // block) * block
-            eligible[lo : lo + block] = True
-            score = score.masked_fill((state != MASK_ID) | ~eligible, -math.inf)
-            pos = torch.sort(score, dim=1, descending=True, stable=True).indices[:, 0]
-            state[torch.arange(rows), pos] = drawn[torch.arange(rows), pos]
-        for r, row in enumerate(state.tolist()):
-            if EOS_ID in row:
-                row = row[: row.index(EOS_ID) + 1]
-            out[group[r // num]].append(tuple(row))
-    return out
-
-
-def evaluate(
-    model: Any,
-    config: TrainConfig,
-    problems: Sequence[Problem],
-    *,
-    num_samples: int = 8,
-    seed: int = 0,
-) -> dict[str, float]:
-    """Accuracy at temperature 1 (mean over ``num_samples`` draws), greedy accuracy, pass@k.
-
-    ``pass@k`` is the unbiased estimator ``1 - C(n-c, k)/C(n, k)`` (Chen et al. 2021) over the
-    ``n = num_samples`` draws with ``c`` correct, for ``k = 1`` and ``k = num_samples``.
-    """
-    if not problems:
-        return {}
-    gen = torch.Generator().manual_seed(seed)
-
-    def sampler(num: int, temperature: float) -> list[list[tuple[int, ...]]]:
-        if config.kind == "ar":
-            limit = config.task.max_response_tokens
-            return _ar_samples(model, problems, num, temperature, gen, limit)
-        return _dlm_samples(
-            model,
-            problems,
-            num,
-            temperature,
-            gen,
-            config.response_length,
-            config.block_length,
-            int(config.shift),
-        )
-
-    draws = sampler(num_samples, 1.0)
-    greedy = sampler(1, 0.0)
-    correct = [
-        sum(extract_answer_ids(x) == p.answer for x in xs)
-        for xs, p in zip(draws, problems, strict=True)
-    ]
-    n = num_samples
-    return {
-        "accuracy_t1": sum(correct) / (n * len(problems)),
-        "accuracy_greedy": sum(
-            extract_answer_ids(xs[0]) == p.answer for xs, p in zip(greedy, problems, strict=True)
-        )
-        / len(problems),
-        f"pass@{n}": sum(c > 0 for c in correct) / len(problems),
-    }
 
 
 def main_train(

@@ -1,0 +1,184 @@
+"""The KV-cache side of :class:`~tiltsample.targets.hf.HFSession`: prefill, forks, merges, tidying.
+
+A session's cache is one ``DynamicCache`` of ``T`` columns shared by its ``B`` rows, with a
+boolean ``[B, T]`` *live* mask saying which columns each row attends to (see the session's
+docstring). The functions here act on the cache and the mask; the rows' tokens and laws stay in
+the session.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple, Protocol
+
+import torch
+from torch import Tensor
+
+from tiltsample.decoding import seqs_to_rows
+from tiltsample.targets.hf import compat
+from tiltsample.types import Seq
+
+__all__ = [
+    "LogitsModel",
+    "Prefill",
+    "concat_rows",
+    "fork_cache",
+    "pad_columns",
+    "prefill",
+    "tidy_columns",
+]
+
+
+class LogitsModel(Protocol):
+    """What an :class:`~tiltsample.targets.hf.HFSession` needs of its policy
+    (:class:`~tiltsample.targets.hf.HFPolicy` is one)."""
+
+    @property
+    def eos_id(self) -> int: ...
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def context(self, prompt: Seq) -> Seq: ...
+
+    def forward_logits(
+        self,
+        input_ids: Tensor,
+        *,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        cache: Any = None,
+        last_only: bool = False,
+    ) -> tuple[Tensor, Any]: ...
+
+
+class Prefill(NamedTuple):
+    """What :func:`prefill` returns."""
+
+    cache: Any
+    """The ``DynamicCache`` of the contexts, expanded to the rows."""
+    live: Tensor
+    """``[B, T]`` live mask (a row's context columns; padding columns dead)."""
+    prompt_laws: Tensor
+    """``[P, V]`` float64 next-token law after every context (``-inf`` rows for unused ones)."""
+    forward_tokens: int
+    """Context tokens pushed through the model (padding excluded)."""
+
+
+def prefill(
+    model: LogitsModel,
+    contexts: Sequence[Seq],
+    row_prompt: Tensor,
+    eos_id: int,
+    vocab_size: int,
+    batch_size: int,
+) -> Prefill:
+    """Encode the distinct contexts used by the rows once (right-padded batch, one forward call)
+    and expand the cache to the ``batch_size`` rows (row ``r`` after ``contexts[row_prompt[r]]``).
+    """
+    used = sorted(set(row_prompt.tolist()))
+    sub = {p: i for i, p in enumerate(used)}
+    rows, lengths = seqs_to_rows([contexts[p] for p in used], pad_id=eos_id)
+    width = rows.shape[1]
+    mask = torch.arange(width)[None, :] < lengths[:, None]
+    cache = compat.new_dynamic_cache()
+    positions = torch.arange(width)[None, :].expand(len(used), -1)
+    kwargs: dict[str, Any] = {}
+    if not bool(mask.all()):
+        kwargs = {"attention_mask": mask.long(), "position_ids": positions}
+    logits, _ = model.forward_logits(rows, cache=cache, **kwargs)
+    last = logits[torch.arange(len(used)), lengths - 1].to(torch.float64)
+    laws = torch.full((len(contexts), vocab_size), -math.inf, dtype=torch.float64)
+    laws[used] = torch.log_softmax(last, dim=-1)
+    index = torch.tensor([sub[p] for p in row_prompt.tolist()], dtype=torch.long)
+    if len(used) == 1 and batch_size > 1:
+        cache.batch_repeat_interleave(batch_size)
+    elif not (len(used) == 1 and batch_size == 1):
+        cache.batch_select_indices(index)
+    return Prefill(cache, mask[index], laws, int(lengths.sum()))
+
+
+def pad_columns(t: Tensor, width: int) -> Tensor:
+    """Pad a ``[B, H, T, D]`` cache tensor with zero columns up to ``width`` (they are masked).
+
+    Returns ``t`` itself when it already has ``width`` columns (no copy).
+    """
+    if t.shape[2] == width:
+        return t
+    return torch.nn.functional.pad(t, (0, 0, 0, width - t.shape[2]))
+
+
+def fork_cache(cache: Any) -> Any:
+    """An independent copy of a ``DynamicCache`` that shares tensors copy-on-write.
+
+    ``DynamicLayer`` never writes its tensors in place (``update`` concatenates, ``crop`` slices,
+    ``batch_select_indices`` / ``batch_repeat_interleave`` index), so copying the layer objects is
+    enough; any other layer type is deep-copied.
+    """
+    layers = compat.dynamic_layers(cache)
+    if layers is not None:
+        twin = copy.copy(cache)
+        twin.layers = [copy.copy(layer) for layer in layers]
+        return twin
+    return copy.deepcopy(cache)
+
+
+def concat_rows(cache: Any, live: Tensor, other_cache: Any, other_live: Tensor) -> Tensor:
+    """Append the rows of ``other_cache`` after those of ``cache`` (in place; ``DynamicLayer``
+    caches only): the narrower one is padded with dead columns. Returns the merged live mask."""
+    mine = compat.dynamic_layers(cache)
+    theirs = compat.dynamic_layers(other_cache)
+    if mine is None or theirs is None:
+        raise TypeError("append_rows supports DynamicLayer caches only")
+    width = max(live.shape[1], other_live.shape[1])
+    for x, y in zip(mine, theirs, strict=True):
+        x.keys = torch.cat([pad_columns(x.keys, width), pad_columns(y.keys, width)])
+        x.values = torch.cat([pad_columns(x.values, width), pad_columns(y.values, width)])
+    return torch.cat(
+        [
+            torch.nn.functional.pad(live, (0, width - live.shape[1])),
+            torch.nn.functional.pad(other_live, (0, width - other_live.shape[1])),
+        ]
+    )
+
+
+def tidy_columns(cache: Any, live: Tensor, col: Tensor, cached: Tensor) -> tuple[Tensor, Tensor]:
+    """Crop columns dead in every row at the end; compact when holes dominate.
+
+    Compaction (more than ``max(8, need // 4)`` holes, ``DynamicLayer`` caches only) gathers each
+    row's live columns to the left; keys already carry their rotary positions, so moving them is
+    exact. ``col[r, i]`` is the column of row ``r``'s response token ``i`` (meaningful for its
+    ``cached[r]`` first tokens). Returns the new ``(live, col)``; ``cache`` changes in place.
+    """
+    if cache is None or live.shape[1] == 0:
+        return live, col
+    any_live = live.any(dim=0)
+    width = live.shape[1]
+    last = int(any_live.nonzero().max()) + 1 if bool(any_live.any()) else 0
+    if last < width:
+        cache.crop(-(width - last))
+        live = live[:, :last]
+    counts = live.sum(dim=1)
+    need = int(counts.max()) if counts.numel() else 0
+    if live.shape[1] - need <= max(8, need // 4):
+        return live, col
+    layers = compat.dynamic_layers(cache)
+    if layers is None:
+        return live, col
+    order = torch.sort((~live).long(), dim=1, stable=True).indices[:, :need]
+    for layer in layers:
+        if not getattr(layer, "is_initialized", True) or layer.keys is None:
+            continue
+        b, h, _, d = layer.keys.shape
+        gather = order[:, None, :, None].expand(b, h, need, d)
+        layer.keys = layer.keys.gather(2, gather)
+        dv = layer.values.shape[-1]
+        layer.values = layer.values.gather(2, order[:, None, :, None].expand(b, h, need, dv))
+    rank = torch.cumsum(live.long(), dim=1) - 1
+    kept = torch.arange(col.shape[1])[None, :] < cached[:, None]
+    moved = rank.gather(1, col.clamp(max=live.shape[1] - 1))
+    col = torch.where(kept, moved, torch.zeros_like(moved))
+    live = torch.arange(need)[None, :] < counts[:, None]
+    return live, col

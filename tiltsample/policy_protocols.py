@@ -1,0 +1,120 @@
+"""The reference-policy and decode-session protocols (re-exported by :mod:`tiltsample.policy`).
+
+A *reference policy* is the model ``p_ref(x | y)`` that every target tilts. Any object with the
+attributes of :class:`ReferencePolicy` works (structural typing; no subclassing of project classes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+from torch import Tensor
+
+from tiltsample.types import Cost, Seq
+
+__all__ = ["DecodeSession", "RaggedDecodeSession", "ReferencePolicy"]
+
+
+@runtime_checkable
+class ReferencePolicy(Protocol):
+    """An autoregressive reference policy ``p_ref(x_t | y, x_<t)`` at temperature 1.
+
+    Attributes
+    ----------
+    vocab_size
+        Number of token ids, ``V``; ids lie in ``[0, V)``.
+    eos_id
+        The end-of-sequence id. It may have probability zero everywhere (log-prob ``-inf``).
+    """
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def eos_id(self) -> int: ...
+
+    def next_logprobs(self, prompt: Seq, prefixes: Sequence[Seq]) -> Tensor:
+        """Log-probabilities ``[B, V]`` (float64 or float32) of the next token after each prefix.
+
+        Prefixes never contain EOS (callers stop there). Rows must be normalised in probability
+        space; entries may be ``-inf``.
+        """
+        ...
+
+    def sequence_logprob(self, prompt: Seq, xs: Sequence[Seq], per_token: bool = False) -> Tensor:
+        """``sum_t log p(x_t | y, x_<t)`` over the tokens present in each ``x`` (EOS included).
+
+        With ``per_token=True`` return ``[B, L_max]``, zero beyond each sequence's length.
+        """
+        ...
+
+
+@runtime_checkable
+class DecodeSession(Protocol):
+    """A batch of ``B`` response prefixes that continue one prompt, decoded step by step.
+
+    All rows have the same number of tokens (``length``); rows that already ended with EOS are
+    padded by further EOS tokens and report a point mass on EOS. Methods mutate the session in place
+    (a sampler state *owns* its session: ``step`` consumes it; branching needs :meth:`fork`).
+
+    Optional capabilities (use them through the module-level helpers, which fall back when a
+    session lacks them): *ragged rows* (:class:`RaggedDecodeSession`: ``row_lengths`` and
+    ``truncate_rows``) and *scoring given tokens* (``extend_and_score``).
+    """
+
+    @property
+    def batch_size(self) -> int: ...
+
+    @property
+    def length(self) -> int: ...
+
+    @property
+    def cost(self) -> Cost:
+        """Forward tokens and model calls spent by *this* session object (not by its forks)."""
+        ...
+
+    def tokens(self) -> Tensor:
+        """The response tokens so far, ``LongTensor[B, length]``."""
+        ...
+
+    def logprobs(self) -> Tensor:
+        """Next-token log-probabilities ``[B, V]`` (temperature 1) after every row."""
+        ...
+
+    def extend(self, tokens: Tensor) -> None:
+        """Append ``tokens`` (``[B]`` or ``[B, k]``) to every row."""
+        ...
+
+    def truncate(self, n: int) -> None:
+        """Drop the last ``n`` tokens of every row."""
+        ...
+
+    def select(self, indices: Tensor) -> None:
+        """Replace the rows by ``rows[indices]`` (resampling, expansion); may change ``B``."""
+        ...
+
+    def fork(self) -> DecodeSession:
+        """An independent copy sharing nothing mutable with this session."""
+        ...
+
+
+@runtime_checkable
+class RaggedDecodeSession(DecodeSession, Protocol):
+    """A :class:`DecodeSession` whose rows may have different lengths.
+
+    ``row_lengths()[r]`` is the number of tokens of row ``r``; ``length`` is the largest of them
+    and ``tokens()`` is ``[B, length]`` with EOS padding past each row's own length (read the
+    lengths, not the padding). ``extend`` appends at each row's own position, ``truncate(n)``
+    drops the last ``n`` tokens of every row (``n <= min(row_lengths())``) and ``select`` /
+    ``fork`` keep each row's length. A session over rows of *different prompts*
+    (:func:`~tiltsample.policy.open_session_multi`) is ragged too.
+    """
+
+    def row_lengths(self) -> Tensor:
+        """``LongTensor[B]``: tokens of every row."""
+        ...
+
+    def truncate_rows(self, n: Tensor) -> None:
+        """Drop the last ``n[r]`` tokens of row ``r`` (``LongTensor[B]``, ``0 <= n[r] <= len``)."""
+        ...
