@@ -175,20 +175,20 @@ register_sampler(
 )
 register_sampler(
     "power",
-    f"{_S}.mh_power:sampler",
+    f"{_S}.mh.power:sampler",
     "power sampling (Karan & Du): MH on p^alpha, uniform cut, proposal at 1/alpha; "
     "block_size= for the stage schedule",
     kind="markov",
 )
 register_sampler(
     "entropy-cut",
-    f"{_S}.mh_entropy_cut:sampler",
+    f"{_S}.mh.entropy_cut:sampler",
     "entropy-cut MH (Zhou, Mehrotra & Liu): power sampling with cuts at entropy jumps",
     kind="markov",
 )
 register_sampler(
     "qalign",
-    f"{_S}.mh_qalign:sampler",
+    f"{_S}.mh.qalign:sampler",
     "QAlign: uniform-cut suffix MH with p_ref proposals on a reward-tilted target",
     kind="markov",
 )

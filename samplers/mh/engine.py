@@ -1,17 +1,5 @@
-"""Continuous batching for the sequence MH sampler (``batching="continuous"``).
-
-Chains are independent Markov chains, so they need not move in lock step: every model call draws
-one token for each running chain; a chain whose proposal suffix ended is scored (with the other
-chains that ended in the same call, one reward call), accepted or rejected with the same ratio as
-the lock-step modes (:func:`tiltsample.samplers.mh.mh_log_ratio`, cut-law correction included),
-and starts its next step at once: a new cut, its row truncated to the longest prefix it shares
-with the new state (ragged session rows, :func:`tiltsample.policy.truncate_rows`). Chain ``c``
-draws its tokens, cuts and acceptances from its own generator, seeded with
-``chunk_seed(base, c)`` from one draw of the caller's generator, so its trajectory does not
-depend on the schedule, and every chain makes exactly ``num_steps`` steps. Plain MH only
-(``block_size=None``). The kernel's state, info and results are those of
-:mod:`tiltsample.samplers.mh`; this module holds the engine.
-"""
+"""The continuous-batching engine of the MH chains (``batching="continuous"``): one ragged decode
+session, every chain at its own phase, one generator stream per chain."""
 
 from __future__ import annotations
 
@@ -25,21 +13,20 @@ from tiltsample.policy import (
     supports_ragged,
     truncate_rows,
 )
-from tiltsample.samplers.mh import (
-    MHConfig,
-    MHInfo,
-    MHRatio,
-    MHState,
-    TargetParts,
-    _cost_diff,
-    _score_chains,
-    _suffix_sum,
-    cut_log_probs,
-    mh_log_ratio,
-    token_law,
-)
+from tiltsample.samplers.mh.acceptance import MHRatio, mh_log_ratio
+from tiltsample.samplers.mh.config import MHConfig
+from tiltsample.samplers.mh.cuts import cut_log_probs
+from tiltsample.samplers.mh.laws import token_law
+from tiltsample.samplers.mh.parts import TargetParts
+from tiltsample.samplers.mh.proposals import suffix_sum
+from tiltsample.samplers.mh.scoring import score_chains
+from tiltsample.samplers.mh.snapshot import StepSnapshot
+from tiltsample.seeds import chunk_seed
 from tiltsample.target import TiltedTarget
 from tiltsample.types import Cost
+
+__all__ = ["ContinuousEngine"]
+
 
 _UNIFORM_BLOCK = 64
 
@@ -57,47 +44,7 @@ def _inverse_cdf(log_p: Tensor, u: Tensor) -> Tensor:
     return torch.minimum(idx, last).squeeze(1)
 
 
-class _Snapshot:
-    """Every chain's state and move statistics after one MH step (``[C, ...]``, filled as the
-    chains reach that step)."""
-
-    __slots__ = (
-        "acc",
-        "cut",
-        "ell",
-        "ent",
-        "filled",
-        "g",
-        "lacc",
-        "length",
-        "log_ref",
-        "p_len",
-        "p_tokens",
-        "r_cut",
-        "r_prop",
-        "r_target",
-        "rest",
-        "reward",
-        "tokens",
-    )
-
-    def __init__(self, chains: int, width: int, eos: int, with_reward: bool) -> None:
-        f = torch.zeros((chains, width), dtype=torch.float64)
-        self.tokens = torch.full((chains, width), eos, dtype=torch.long)
-        self.p_tokens = self.tokens.clone()
-        self.ell, self.g, self.ent = f, f.clone(), f.clone()
-        z = torch.zeros(chains, dtype=torch.float64)
-        self.log_ref, self.rest = z, z.clone()
-        self.reward = z.clone() if with_reward else None
-        self.lacc, self.r_target = z.clone(), z.clone()
-        self.r_prop, self.r_cut = z.clone(), z.clone()
-        zl = torch.zeros(chains, dtype=torch.long)
-        self.length, self.cut, self.p_len = zl, zl.clone(), zl.clone()
-        self.acc = torch.zeros(chains, dtype=torch.bool)
-        self.filled = torch.zeros(chains, dtype=torch.bool)
-
-
-class _Continuous:
+class ContinuousEngine:
     """Continuous batching of independent MH chains over one ragged decode session.
 
     Row ``r`` of the session always holds the proposal chain ``members[r]`` is decoding. Every
@@ -110,9 +57,11 @@ class _Continuous:
     batch stays full until chains run out of steps; their rows leave the session (``select``)
     once they are an eighth of it.
 
-    The kernel per chain is the one of :func:`_mh_step` with ``block_size=None``: the same
-    ``q_tau`` draws (EOS forced at ``L - 1`` under ``truncation="condition"``), the same
-    :func:`mh_log_ratio` with the cut-law correction (or the published code's truncation in
+    The kernel per chain is the lock-step one (:mod:`~tiltsample.samplers.mh.kernel`) with
+    ``block_size=None``: the same ``q_tau`` draws (EOS forced at ``L - 1`` under
+    ``truncation="condition"``), the same
+    :func:`~tiltsample.samplers.mh.acceptance.mh_log_ratio` with the cut-law correction (or the
+    published code's truncation in
     ``length_mode="reference"``). A proposal's last token is never pushed through the model (no
     later cut keeps it), so the policy is never asked for a law past the cap.
 
@@ -130,8 +79,6 @@ class _Continuous:
         base_seed: int,
         cfg: MHConfig,
     ) -> None:
-        from tiltsample.seeds import chunk_seed
-
         target = targets[0]
         self.targets, self.parts_all, self.cfg = targets, parts_all, cfg
         self.joint = len(targets) > 1
@@ -190,7 +137,7 @@ class _Continuous:
         self.finished = torch.zeros(chains, dtype=torch.bool)
         self.chain_cost = torch.zeros((chains, 2), dtype=torch.long)
         self.reward_calls = 0
-        self.snapshots: dict[int, _Snapshot] = {}
+        self.snapshots: dict[int, StepSnapshot] = {}
         self.filler = 0 if eos != 0 else 1
 
     # ------------------------------------------------------------------ randomness
@@ -290,7 +237,7 @@ class _Continuous:
         accepted or rejected; then start the next step. Returns per chain the length of the row
         prefix to keep (the longest prefix of the row that is also a prefix of ``x_<j``; the rest
         of ``x_<j`` is re-fed by the next ticks)."""
-        cfg, eos, L = self.cfg, self.eos, self.width
+        eos, L = self.eos, self.width
         p_len = self.pos[chains]
         pos = torch.arange(L)[None, :]
         inside = pos < p_len[:, None]
@@ -299,7 +246,7 @@ class _Continuous:
         p_g = torch.where(inside, self.p_g[chains], 0.0)
         p_ent = torch.where(inside, self.p_ent[chains], 0.0)
         p_log_ref = p_ell.sum(dim=1)
-        p_rest, p_reward, rcost, per_calls = _score_chains(
+        p_rest, p_reward, rcost, per_calls = score_chains(
             self.targets, self.parts_all, self.owner, chains, True, p_tokens, p_len, p_log_ref
         )
         self.reward_calls += rcost.reward_calls
@@ -311,30 +258,10 @@ class _Continuous:
         mh = ~init
         acc = init.clone()
         k = mh.nonzero().flatten()
+        ratio: MHRatio | None = None
         if k.numel():
             c = chains[k]
-            j = self.start[c]
-            n = self.length[c]
-            stop_cur = p_len[k] if self.reference else n
-            if self.reference and cfg.cut == "uniform":
-                fwd = torch.zeros(int(k.numel()), dtype=torch.float64)
-                rev = fwd
-            else:
-                fwd = self.log_c_fwd[c]
-                rev_all = cut_log_probs(p_ent[k], p_len[k], cfg.cut, cfg.cut_power)
-                rev = rev_all.gather(1, j[:, None]).squeeze(1)
-            ratio = mh_log_ratio(
-                power=self.parts_all[0].power,
-                ell_current=_suffix_sum(self.ell[c], j, stop_cur),
-                ell_proposal=_suffix_sum(p_ell[k], j, p_len[k]),
-                g_current=_suffix_sum(self.g[c], j, stop_cur),
-                g_proposal=_suffix_sum(p_g[k], j, p_len[k]),
-                rest_current=self.rest[c],
-                rest_proposal=p_rest[k],
-                log_cut_forward=fwd,
-                log_cut_reverse=rev,
-                greedy=cfg.greedy,
-            )
+            ratio = self._log_ratio(c, p_ell[k], p_g[k], p_ent[k], p_len[k], p_rest[k])
             log_u = torch.log(self._uniforms(c))
             acc[k] = log_u < ratio.total
         # update the current states
@@ -351,6 +278,7 @@ class _Continuous:
             self.reward[ca] = p_reward[a].to(torch.float64)
         self.started[chains] = True
         if k.numel():
+            assert ratio is not None
             c = chains[k]
             self.steps[c] += 1
             self.accepted[c] += acc[k].long()
@@ -360,9 +288,51 @@ class _Continuous:
         same = (p_tokens == old_tokens) | (pos >= held[:, None])
         lcp = torch.where(acc, held, torch.argmin(same.long(), dim=1))
         lcp = torch.where(same.all(dim=1) & ~acc, held, lcp).clamp(max=held)
+        return self._restart(chains, lcp)
+
+    def _log_ratio(
+        self,
+        c: Tensor,
+        p_ell: Tensor,
+        p_g: Tensor,
+        p_ent: Tensor,
+        p_len: Tensor,
+        p_rest: Tensor,
+    ) -> MHRatio:
+        """The MH log ratio of the finished proposals (``p_*``, ``[K, ...]``) of chains ``c``
+        against their current states (cut correction as in the lock-step kernel)."""
+        cfg = self.cfg
+        j = self.start[c]
+        n = self.length[c]
+        stop_cur = p_len if self.reference else n
+        if self.reference and cfg.cut == "uniform":
+            fwd = torch.zeros(int(c.numel()), dtype=torch.float64)
+            rev = fwd
+        else:
+            fwd = self.log_c_fwd[c]
+            rev_all = cut_log_probs(p_ent, p_len, cfg.cut, cfg.cut_power)
+            rev = rev_all.gather(1, j[:, None]).squeeze(1)
+        return mh_log_ratio(
+            power=self.parts_all[0].power,
+            ell_current=suffix_sum(self.ell[c], j, stop_cur),
+            ell_proposal=suffix_sum(p_ell, j, p_len),
+            g_current=suffix_sum(self.g[c], j, stop_cur),
+            g_proposal=suffix_sum(p_g, j, p_len),
+            rest_current=self.rest[c],
+            rest_proposal=p_rest,
+            log_cut_forward=fwd,
+            log_cut_reverse=rev,
+            greedy=cfg.greedy,
+        )
+
+    def _restart(self, chains: Tensor, lcp: Tensor) -> Tensor:
+        """Start the next step of the ``chains`` that have steps left: draw a cut ``j`` of the
+        current state and reset the proposal to ``x_<j``. Returns per chain the length of the
+        session row to keep (``min(j, lcp)``; 0 for a chain that has made all its steps)."""
+        cfg, L = self.cfg, self.width
         done_now = self.steps[chains] >= cfg.num_steps
         self.finished[chains[done_now]] = True
-        keep = torch.zeros_like(p_len)
+        keep = torch.zeros_like(lcp)
         go = (~done_now).nonzero().flatten()
         if go.numel():
             c = chains[go]
@@ -395,7 +365,7 @@ class _Continuous:
             m = steps == s
             snap = self.snapshots.get(s)
             if snap is None:
-                snap = _Snapshot(self.chains, self.width, self.eos, True)
+                snap = StepSnapshot(self.chains, self.width, self.eos, True)
                 self.snapshots[s] = snap
             cs = c[m]
             km = k[m]
@@ -417,97 +387,3 @@ class _Continuous:
             snap.r_prop[cs] = ratio.proposal[m]
             snap.r_cut[cs] = ratio.cut[m]
             snap.filled[cs] = True
-
-
-def _init_continuous(
-    targets: list[TiltedTarget],
-    parts_all: list[TargetParts],
-    per_target: int,
-    generator: torch.Generator,
-    cfg: MHConfig,
-) -> MHState:
-    """The state of a continuous run: the engine, seeded from one draw of ``generator``; the
-    chains' initial ``q_tau`` draws are made inside the engine (per-chain streams)."""
-    base = int(torch.randint(0, 2**62, (1,), generator=generator, dtype=torch.long))
-    engine = _Continuous(targets, parts_all, per_target, base, cfg)
-    chains, width = engine.chains, engine.width
-    target = targets[0]
-    blank = torch.zeros((chains, width), dtype=torch.float64)
-    return MHState(
-        target=target,
-        config=cfg,
-        parts=parts_all[0],
-        caps=(width,),
-        tokens=torch.full((chains, width), target.eos_id, dtype=torch.long),
-        ell=blank,
-        g=blank.clone(),
-        entropy=blank.clone(),
-        length=torch.zeros(chains, dtype=torch.long),
-        log_reference=torch.zeros(chains, dtype=torch.float64),
-        rest=torch.zeros(chains, dtype=torch.float64),
-        reward=None,
-        chain_cap=torch.full((chains,), width, dtype=torch.long),
-        active=torch.ones(chains, dtype=torch.bool),
-        stage=1,
-        step_in_stage=0,
-        steps_done=0,
-        accepted_count=torch.zeros(chains, dtype=torch.long),
-        moved_count=torch.zeros(chains, dtype=torch.long),
-        handles=None,
-        root=None,
-        serial=0,
-        last=None,
-        cost=Cost(),
-        batching="continuous",
-        targets=tuple(targets) if len(targets) > 1 else (),
-        owner=engine.owner,
-        chain_cost=engine.chain_cost.clone(),
-        engine=engine,
-    )
-
-
-def _continuous_step(state: MHState) -> tuple[MHState, MHInfo]:
-    """Advance the engine until every chain has made step ``steps_done + 1``; return the chains'
-    states after that step (faster chains have gone further; their later steps are kept)."""
-    engine: _Continuous = state.engine
-    k = state.steps_done + 1
-    engine.run_until(k)
-    snap = engine.snapshots.pop(k)
-    assert bool(snap.filled.all())
-    cost = engine.cost
-    has_reward = engine.reward is not None
-    info = MHInfo(
-        cost=_cost_diff(cost, state.cost),
-        accepted=snap.acc.clone(),
-        cut=snap.cut.clone(),
-        proposal_length=snap.p_len.clone(),
-        regenerated=snap.p_len - snap.cut,
-        log_acceptance=snap.lacc,
-        log_target_ratio=snap.r_target,
-        log_proposal_ratio=snap.r_prop,
-        log_cut_ratio=snap.r_cut,
-        moved=torch.ones_like(snap.acc),
-        proposal_tokens=snap.p_tokens,
-        stage=1,
-    )
-    new = state._replace(
-        tokens=snap.tokens,
-        ell=snap.ell,
-        g=snap.g,
-        entropy=snap.ent,
-        length=snap.length,
-        log_reference=snap.log_ref,
-        rest=snap.rest,
-        reward=snap.reward if has_reward else None,
-        step_in_stage=k,
-        steps_done=k,
-        accepted_count=state.accepted_count + snap.acc.long(),
-        moved_count=state.moved_count + 1,
-        last=info,
-        cost=cost,
-        chain_cost=engine.chain_cost.clone(),
-    )
-    return new, info
-
-
-# ============================================================================ outputs
