@@ -27,6 +27,9 @@ import pytest
 
 from tiltsample.targets.sandbox import CodeExecutionReward, sandbox_status
 
+# Hundreds of sandboxed runs (~0.1-2 s each): in `make test`, not in `make test-fast`.
+pytestmark = pytest.mark.slow
+
 EVENT = "tiltsample.sandbox.verdict"
 CORRECT = "def add(a, b):\n    return a + b\n"
 WRONG = "def add(a, b):\n    return a - b\n"

@@ -65,6 +65,7 @@ def test_mypy_clean(view: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("folder", ["samplers", "targets", "theory", "."])
 def test_mypy_catches_an_injected_error(tmp_path: Path, folder: str) -> None:
     pkg = build_view(tmp_path)

@@ -263,6 +263,7 @@ def test_shipped_diffusion_model_loads_offline(dlm: Any, monkeypatch: pytest.Mon
         assert p.mask_id == tasks.MASK_ID and p.eos_id == tasks.EOS_ID
 
 
+@pytest.mark.slow
 def test_shipped_diffusion_model_is_mediocre_but_capable(dlm: Any) -> None:
     """24 problems × 4 draws of the base sampler; measured 0.335 (T = 1) on 500 problems with 8
     draws (docs/hf.md); the bounds are more than 2 clustered standard errors (≤ 0.1) away."""

@@ -8,6 +8,9 @@ import pytest
 
 from tiltsample.theory.rates import EXPERIMENTS, run_verify
 
+# Runs the quick verify profile end to end: in `make test`, not `make test-fast`.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[object]]:
