@@ -169,6 +169,8 @@ CASES: list[tuple[str, list[str], list[str]]] = [
         ["sampler", "'nope'", "best-of-n"],
     ),
     ("compare --profile", ["compare", "--profile", "huge"], ["--profile", "'huge'", "demo"]),
+    ("compare --device", ["compare", "--device", "tpu"], ["--device", "'tpu'", "cpu", "cuda"]),
+    ("compare --dtype", ["compare", "--dtype", "int8"], ["--dtype", "'int8'", "bf16", "float32"]),
     ("compare --out is a file", ["compare", "--out", "{tmp}/file.txt"], ["--out", "is a file"]),
     (
         "compare --out in a missing folder",

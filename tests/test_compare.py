@@ -219,10 +219,15 @@ def test_masked_diffusion_recipes(tmp_path: Path) -> None:
         progress=False,
     )
     rows = {(r["sampler"], r["budget"]): r for r in out.rows}
-    assert set(rows) == {("dlm-base", 1), ("dlm-best-of-n", 4), ("dlm-ets", 4)}
+    assert set(rows) == {
+        ("dlm-base", 1),
+        ("dlm-best-of-n", 4),
+        ("dlm-ets", 4),
+        ("dlm-fk-steering", 4),
+    }
     base = rows[("dlm-base", 1)]["gen_tokens"]
     assert base == 48  # every position of the masked-diffusion response is committed once
-    for key in (("dlm-best-of-n", 4), ("dlm-ets", 4)):
+    for key in (("dlm-best-of-n", 4), ("dlm-ets", 4), ("dlm-fk-steering", 4)):
         assert 3 * base <= rows[key]["gen_tokens"] <= 6 * base
     header = json.loads((tmp_path / "compare.jsonl").read_text().splitlines()[0])["header"]
     assert header["diffusion_model"] == "arith-dlm"

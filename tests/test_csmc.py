@@ -1,4 +1,5 @@
-"""Conditional SMC, particle Gibbs and the bounds on log Z (samplers/csmc.py).
+"""Conditional SMC, particle Gibbs and the bounds on log Z (samplers/smc/: csmc,
+particle_gibbs, bounds).
 
 Exact checks: the reference path survives every resampling; with one particle, log Ẑ_CSMC of a
 reference is its importance weight and the expectations of both bounds equal log Z ∓ KL

@@ -1,4 +1,4 @@
-"""SMC (samplers/smc.py) against exact ground truth.
+"""SMC (samplers/smc/) against exact ground truth.
 
 Exact, seed-free checks first: the zero-variance twisted SMC (exact twists + locally optimal
 proposal ⇒ log Ẑ = log Z in every run, for every scheme, threshold, block size, convention and
@@ -383,7 +383,7 @@ def test_batched_resamplers_are_unbiased_and_keep_the_floor_copies() -> None:
         assert torch.allclose(counts.mean(0), n * w, atol=0.03), scheme
         if scheme in ("systematic", "residual"):
             assert bool((counts >= torch.floor(n * w)).all()), scheme
-    cond = smc._conditional_resample("multinomial", gen, w[None, :].expand(100, -1).contiguous())
+    cond = smc.conditional_resample("multinomial", gen, w[None, :].expand(100, -1).contiguous())
     assert bool((cond[:, 0] == 0).all())
 
 

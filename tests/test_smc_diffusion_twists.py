@@ -1,4 +1,4 @@
-"""Learned twists on the masked-diffusion toy (samplers/diffusion_twists.py).
+"""Learned twists on the masked-diffusion toy (samplers/smc/twists/diffusion.py).
 
 Exact: a twist that is the exact energy shifted by a constant per step gives the same
 zero-variance guided FK as the exact energy (the per-step scale is irrelevant). Statistical:

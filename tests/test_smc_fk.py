@@ -1,4 +1,4 @@
-"""FK steering for masked diffusion (samplers/fk_steering.py) on the exact masked-diffusion toy.
+"""FK steering for masked diffusion (samplers/smc/fk_*.py) on the exact masked-diffusion toy.
 
 Exact: without resampling every final log-weight equals the particle's log-tilt, for every
 potential and estimator (the potentials telescope; weights accumulate between resamplings).

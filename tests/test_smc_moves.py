@@ -1,4 +1,4 @@
-"""Resample-move with entropy-jump cuts (samplers/smc.py, specs/smc.md §8).
+"""Resample-move with entropy-jump cuts (samplers/smc/moves.py, specs/smc.md §8).
 
 Exact: the move's transition matrix (theory.smc_exact.move_kernel) satisfies detailed balance for
 gamma_t with the cut-law correction, and is not gamma_t-invariant without it. Implementation:

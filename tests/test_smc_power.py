@@ -1,4 +1,4 @@
-"""Power-SMC (samplers/power_smc.py) on power targets p_ref^alpha.
+"""Power-SMC (samplers/smc/power_smc.py) on power targets p_ref^alpha.
 
 Exact: with no resampling every final weight is sum_t log Z_t(x_<t), Z_t = sum_v p(v|x_<t)^alpha
 (computed here from the policy table, independently of the sampler); the tau = 1/alpha proposal is

@@ -52,11 +52,11 @@ def _draws(
     scheme: str, weights: list[float], n: int, draws: int, batched: bool
 ) -> Counter[tuple[int, ...]]:
     """``draws`` conditional ancestor vectors: one call per draw (tiltsample.resampling), or one
-    batched call over ``draws`` runs (the vectorised scheme of samplers/smc.py)."""
+    batched call over ``draws`` runs (the vectorised scheme of samplers/smc/resampling.py)."""
     g = torch.Generator().manual_seed(1)
     w = torch.tensor(weights, dtype=torch.float64)
     if batched:
-        rows = smc._conditional_resample(scheme, g, w.expand(draws, -1).clone())
+        rows = smc.conditional_resample(scheme, g, w.expand(draws, -1).clone())
         return Counter(tuple(r) for r in rows.tolist())
     return Counter(
         tuple(resampling.conditional_resample_indices(scheme, g, w, n).tolist())
@@ -123,12 +123,12 @@ def test_batched_conditional_scheme_handles_mixed_runs(scheme: str) -> None:
     )
     g = torch.Generator().manual_seed(3)
     for _ in range(200):
-        anc = smc._conditional_resample(scheme, g, w)
+        anc = smc.conditional_resample(scheme, g, w)
         assert anc.shape == (4, 4) and bool((anc[:, 0] == 0).all())
         assert bool((w.gather(1, anc)[:, 1:] > 0).all())  # no free slot takes weight zero
         assert bool((anc[2] == 0).all())
-    a = smc._conditional_resample(scheme, torch.Generator().manual_seed(5), w)
-    b = smc._conditional_resample(scheme, torch.Generator().manual_seed(5), w)
+    a = smc.conditional_resample(scheme, torch.Generator().manual_seed(5), w)
+    b = smc.conditional_resample(scheme, torch.Generator().manual_seed(5), w)
     assert torch.equal(a, b)
 
 

@@ -1,4 +1,4 @@
-"""Scalable TRI-TSMC negative phase (samplers/twists.py, negative="smc").
+"""Scalable TRI-TSMC negative phase (samplers/smc/twists/tri*.py, negative="smc").
 
 Statistical: SMC particles with the current twist estimate the twisted marginals' feature
 expectations (the negative phase) without bias beyond O(1/N); the projection with sampled
@@ -14,13 +14,13 @@ import pytest
 import torch
 from smc_toys import checked_log_z_spreads, gen, tri_toy, twist_law
 
-from tiltsample.samplers import twists
+from tiltsample.samplers.smc.twists import tri as tri_module
 from tiltsample.samplers.twists import (
     LinearTwist,
-    _path_states,
-    _project,
-    _state_tables,
     negative_phase_samples,
+    path_states,
+    project_twist,
+    state_tables,
     tri_tsmc,
 )
 from tiltsample.theory import exact_distribution, tv
@@ -35,7 +35,7 @@ def test_sampled_negative_phase_matches_the_enumerated_one() -> None:
     target, table = tri_toy()
     theta = 0.5 * exact_energies(target).log_energies(table.prefixes)
     twist = LinearTwist(table, theta)
-    tables = _state_tables(target, table)
+    tables = state_tables(target, table)
     r, n = 40, 200
     g = gen(0)
     estimates = []
@@ -58,7 +58,7 @@ def _projection_error(n: int, seed: int, iterations: int = 10) -> float:
     """pi-weighted mean |theta - log V| after iterating the sampled projection, positives = pi."""
     target, table = tri_toy()
     pi = exact_distribution(target)
-    states = _path_states(target, pi.support, table)
+    states = path_states(target, pi.support, table)
     exact = exact_energies(target).log_energies(table.prefixes)
     mass = torch.zeros(table.num_features, dtype=torch.float64)
     for x, p in zip(pi.support, pi.probs.tolist(), strict=True):
@@ -69,7 +69,7 @@ def _projection_error(n: int, seed: int, iterations: int = 10) -> float:
     g = gen(seed)
     for _ in range(iterations):
         negatives, _ = negative_phase_samples(target, LinearTwist(table, theta), n, g)
-        theta, _ = _project(theta, states, None, pi.probs, 0.0, 200, negatives)
+        theta, _ = project_twist(theta, states, None, pi.probs, 0.0, 200, negatives)
     return float((mass * (theta - exact).abs()).sum() / mass.sum())
 
 
@@ -91,7 +91,7 @@ def test_tri_tsmc_with_sampled_negative_phase_cuts_the_variance(
     def no_enumeration(*args: object, **kwargs: object) -> None:
         raise AssertionError("negative='smc' must not enumerate the normalisers")
 
-    monkeypatch.setattr(twists, "_state_tables", no_enumeration)
+    monkeypatch.setattr(tri_module, "state_tables", no_enumeration)
     start = LinearTwist(table)
     result = tri_tsmc(
         target,

@@ -1,4 +1,4 @@
-"""End-to-end law of SMC with resample-move (samplers/smc.py, specs/smc.md §6, §8).
+"""End-to-end law of SMC with resample-move (samplers/smc/, specs/smc.md §6, §8).
 
 SMC's unnormalised particle measure is unbiased at every ``N``: ``E[Ẑ/Z · W(x)] = pi(x)`` for
 every sequence ``x`` (Del Moral 2004), with or without resampling, for every twist, proposal and

@@ -1,4 +1,4 @@
-"""Twist families (samplers/twists.py): contracts, unbiased random twists, learned twists.
+"""Twist families (samplers/smc/twists/): contracts, unbiased random twists, learned twists.
 
 Exact: analytic children agree with the generic expansion; the TRI-TSMC projection, fed the exact
 target path law, recovers the exact value function (the optimal twist) on every prefix.
@@ -24,11 +24,11 @@ from tiltsample.samplers.twists import (
     PrefixTable,
     PrefixTilt,
     RolloutTwist,
-    _path_states,
-    _project,
-    _state_tables,
     check_twist_output,
     make_twist,
+    path_states,
+    project_twist,
+    state_tables,
     tri_tsmc,
 )
 from tiltsample.target import Truncation
@@ -99,9 +99,9 @@ def test_tri_projection_of_the_exact_path_law_is_the_value_function() -> None:
         target = tabular_toy(vocab_size=3, max_len=4, lam=0.5, truncation=truncation)
         pi = exact_distribution(target)
         table = PrefixTable.from_target(target)
-        tables = _state_tables(target, table)
-        states = _path_states(target, pi.support, table)
-        theta, _ = _project(
+        tables = state_tables(target, table)
+        states = path_states(target, pi.support, table)
+        theta, _ = project_twist(
             torch.zeros(table.num_features, dtype=torch.float64), states, tables, pi.probs, 0.0, 500
         )
         energies = exact_energies(target)

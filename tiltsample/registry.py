@@ -152,19 +152,29 @@ register_sampler(
 )
 register_sampler(
     "csmc",
-    f"{_S}.csmc:sampler",
+    f"{_S}.smc.csmc:sampler",
     "conditional SMC given reference paths (default: exact draws on toys); E[log Z_CSMC] >= log Z",
 )
 register_sampler(
     "particle-gibbs",
-    f"{_S}.csmc:particle_gibbs_sampler",
+    f"{_S}.smc.particle_gibbs:particle_gibbs_sampler",
     "particle Gibbs: the CSMC kernel iterated (Markov)",
     kind="markov",
 )
 register_sampler(
     "power-smc",
-    f"{_S}.power_smc:sampler",
+    f"{_S}.smc.power_smc:sampler",
     "Power-SMC for p_ref^alpha: tau=1/alpha proposal, prefix-only weights, optional alpha ramp",
+)
+register_sampler(
+    "fk-steering",
+    f"{_S}.smc.fk_steering:sampler",
+    "FK steering of masked-diffusion LMs: particles resampled by intermediate-reward potentials",
+)
+register_sampler(
+    "tri-tsmc",
+    f"{_S}.smc.tri_tsmc:sampler",
+    "TRI-TSMC: learn a twist (trust-region reweighting + projection), then twisted SMC; toys",
 )
 register_sampler(
     "mh",

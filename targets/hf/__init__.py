@@ -35,9 +35,17 @@ r"""Real language models: ``transformers`` causal and masked-diffusion LMs as re
 Numerics: logits are cast to float64 before ``log_softmax``, so every returned row is normalised to
 float64 precision; a float32 model agrees with its own full recompute to about ``1e-5``.
 
+Devices and dtypes (:mod:`.devices`): the policy owns its device and dtype (``device=`` /
+``dtype=`` of the constructors and ``from_pretrained``; ``policy.device``, ``policy.dtype``). The
+model, its KV cache and every tensor handed to it live on ``policy.device``; the laws and scores
+handed to samplers are float64 on the CPU (normalised on the device, then copied), where the
+samplers' arithmetic and the caller's CPU ``torch.Generator`` live. So every sampler runs
+unchanged on a GPU, and a CPU run is bit-identical to one without device handling.
+
 ``transformers`` is imported lazily (inside functions), so importing this package is cheap.
 
-Modules: :mod:`.loading` (tokenizer and model loading, source checks), :mod:`.laws`
+Modules: :mod:`.loading` (tokenizer and model loading, source checks), :mod:`.devices` (device
+and dtype checks, the host copy of laws), :mod:`.laws`
 (:func:`filtered_logprobs`), :mod:`.policy` (:class:`HFPolicy`), :mod:`.session`
 (:class:`HFSession`) and :mod:`.cache` (its KV-cache operations), :mod:`.diffusion`
 (:class:`HFMaskedDiffusionPolicy`), and :mod:`.compat`, the one place that knows how the
@@ -46,6 +54,7 @@ Modules: :mod:`.loading` (tokenizer and model loading, source checks), :mod:`.la
 
 from __future__ import annotations
 
+from tiltsample.targets.hf.devices import resolve_device, resolve_dtype
 from tiltsample.targets.hf.diffusion import UNMASKING_RULES, HFMaskedDiffusionPolicy
 from tiltsample.targets.hf.laws import filtered_logprobs
 from tiltsample.targets.hf.loading import load_tokenizer
@@ -60,4 +69,6 @@ __all__ = [
     "HFSession",
     "filtered_logprobs",
     "load_tokenizer",
+    "resolve_device",
+    "resolve_dtype",
 ]

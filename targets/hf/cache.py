@@ -4,6 +4,11 @@ A session's cache is one ``DynamicCache`` of ``T`` columns shared by its ``B`` r
 boolean ``[B, T]`` *live* mask saying which columns each row attends to (see the session's
 docstring). The functions here act on the cache and the mask; the rows' tokens and laws stay in
 the session.
+
+Devices: the cache's tensors live on the policy's device; the live mask and column bookkeeping
+stay on the CPU, and every index computed from them is moved to the device of the cache layer it
+is applied to (:func:`select_rows`, :func:`tidy_columns`), so a model split over several devices
+works too.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from torch import Tensor
 
 from tiltsample.decoding import seqs_to_rows
 from tiltsample.targets.hf import compat
+from tiltsample.targets.hf.devices import to_host
 from tiltsample.types import Seq
 
 __all__ = [
@@ -27,6 +33,7 @@ __all__ = [
     "fork_cache",
     "pad_columns",
     "prefill",
+    "select_rows",
     "tidy_columns",
 ]
 
@@ -88,16 +95,42 @@ def prefill(
     kwargs: dict[str, Any] = {}
     if not bool(mask.all()):
         kwargs = {"attention_mask": mask.long(), "position_ids": positions}
-    logits, _ = model.forward_logits(rows, cache=cache, **kwargs)
-    last = logits[torch.arange(len(used)), lengths - 1].to(torch.float64)
+    logits, _ = model.forward_logits(rows, cache=cache, **kwargs)  # inputs moved to the device
+    at = logits.device
+    last = logits[torch.arange(len(used), device=at), (lengths - 1).to(at)].to(torch.float64)
     laws = torch.full((len(contexts), vocab_size), -math.inf, dtype=torch.float64)
-    laws[used] = torch.log_softmax(last, dim=-1)
+    laws[used] = to_host(torch.log_softmax(last, dim=-1))
     index = torch.tensor([sub[p] for p in row_prompt.tolist()], dtype=torch.long)
     if len(used) == 1 and batch_size > 1:
         cache.batch_repeat_interleave(batch_size)
     elif not (len(used) == 1 and batch_size == 1):
-        cache.batch_select_indices(index)
+        select_rows(cache, index)
     return Prefill(cache, mask[index], laws, int(lengths.sum()))
+
+
+def select_rows(cache: Any, index: Tensor) -> None:
+    """Keep the cache rows ``index`` (a CPU ``[B']`` tensor; repeats allowed), in place.
+
+    ``DynamicLayer`` caches: each layer gathers with the index moved to its own device. Other
+    layer types: their ``batch_select_indices`` with the index on the device of the first layer
+    holding tensors (the CPU when none does).
+    """
+    layers = compat.dynamic_layers(cache)
+    if layers is None:
+        cache.batch_select_indices(index.to(_cache_device(cache)))
+        return
+    for layer in layers:
+        keys = getattr(layer, "keys", None)
+        if isinstance(keys, Tensor):
+            layer.batch_select_indices(index.to(keys.device))
+
+
+def _cache_device(cache: Any) -> torch.device:
+    for layer in getattr(cache, "layers", ()):
+        keys = getattr(layer, "keys", None)
+        if isinstance(keys, Tensor):
+            return keys.device
+    return torch.device("cpu")
 
 
 def pad_columns(t: Tensor, width: int) -> Tensor:
@@ -167,10 +200,11 @@ def tidy_columns(cache: Any, live: Tensor, col: Tensor, cached: Tensor) -> tuple
     layers = compat.dynamic_layers(cache)
     if layers is None:
         return live, col
-    order = torch.sort((~live).long(), dim=1, stable=True).indices[:, :need]
+    host_order = torch.sort((~live).long(), dim=1, stable=True).indices[:, :need]
     for layer in layers:
         if not getattr(layer, "is_initialized", True) or layer.keys is None:
             continue
+        order = host_order.to(layer.keys.device)
         b, h, _, d = layer.keys.shape
         gather = order[:, None, :, None].expand(b, h, need, d)
         layer.keys = layer.keys.gather(2, gather)

@@ -14,6 +14,13 @@ from torch import Tensor
 from tiltsample import validation
 from tiltsample.decoding import sample_categorical, tempered_logprobs
 from tiltsample.diffusion import block_positions, block_quota, check_step
+from tiltsample.targets.hf.devices import (
+    model_device,
+    model_dtype,
+    resolve_device,
+    resolve_dtype,
+    to_host,
+)
 from tiltsample.targets.hf.loading import (
     check_model_source,
     load_tokenizer,
@@ -70,6 +77,11 @@ class HFMaskedDiffusionPolicy:
     Cost of a step: one forward of ``B × (len(context) + L)`` tokens (no KV cache: attention is
     bidirectional) for the rows that still have a masked position; ``generated_tokens`` =
     positions committed.
+
+    Devices (as :class:`~tiltsample.targets.hf.HFPolicy`): ``device=`` moves the model (None keeps
+    it where it is), ``dtype=`` casts it; the states and the ids fed to the network are moved to
+    :attr:`device`, the predictive laws are normalised in float64 there and returned float64 on
+    the CPU, where the unmasking rule and the caller's generator work.
     """
 
     def __init__(
@@ -87,13 +99,23 @@ class HFMaskedDiffusionPolicy:
         temperature: float = 1.0,
         forbidden_ids: Sequence[int] = (),
         shift: bool = False,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
     ) -> None:
         if not callable(model) or not hasattr(model, "config"):
             raise TypeError(f"model must be a transformers model, got {type(model).__name__}")
         if not isinstance(shift, bool):
             raise TypeError(f"shift must be a bool, got {type(shift).__name__}")
         self.shift = shift
+        target_device = None if device is None else resolve_device(device)
+        target_dtype = None if dtype is None else resolve_dtype(dtype)
+        if target_dtype is not None:
+            model = model.to(target_dtype)
+        if target_device is not None:
+            model = model.to(target_device)
         self.model = model.eval()
+        self._device = model_device(model)
+        self._dtype = model_dtype(model)
         self.tokenizer = tokenizer
         config = model.config
         vocab = getattr(config, "vocab_size", None)
@@ -146,12 +168,14 @@ class HFMaskedDiffusionPolicy:
         cls,
         path: str | os.PathLike[str],
         *,
-        dtype: torch.dtype = torch.float32,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype = torch.float32,
         tokenizer: Any = "auto",
         local_files_only: bool | None = None,
         **kwargs: Any,
     ) -> HFMaskedDiffusionPolicy:
-        """Load the mask predictor and tokenizer (as :meth:`HFPolicy.from_pretrained`).
+        """Load the mask predictor and tokenizer (as :meth:`HFPolicy.from_pretrained`, with the
+        same ``device`` and ``dtype``).
 
         A ``tiltsample_diffusion.json`` in the folder supplies defaults for ``length``,
         ``num_steps``, ``unmasking`` and ``forbidden_ids``; keyword arguments override them.
@@ -161,10 +185,12 @@ class HFMaskedDiffusionPolicy:
         from transformers import AutoModelForCausalLM
 
         folder = Path(path)
+        target_device = None if device is None else resolve_device(device)
+        target_dtype = resolve_dtype(dtype)
         offline = check_model_source(path, local_files_only)
         with loading_errors(path, offline):
             model = AutoModelForCausalLM.from_pretrained(
-                str(path), dtype=dtype, local_files_only=offline
+                str(path), dtype=target_dtype, local_files_only=offline
             )
         auto = isinstance(tokenizer, str) and tokenizer == "auto"
         tok = load_tokenizer(path, local_files_only=offline) if auto else tokenizer
@@ -173,7 +199,7 @@ class HFMaskedDiffusionPolicy:
         if meta_file.is_file():
             options = json.loads(meta_file.read_text())
         options.update(kwargs)
-        return cls(model, tok, **options)
+        return cls(model, tok, device=target_device, **options)
 
     def with_options(self, **changes: Any) -> HFMaskedDiffusionPolicy:
         """The same network with another sampler (``num_steps``, ``unmasking``, ...)."""
@@ -204,6 +230,16 @@ class HFMaskedDiffusionPolicy:
     @property
     def mask_id(self) -> int:
         return self._mask
+
+    @property
+    def device(self) -> torch.device:
+        """Where the network and its inputs live (laws come back float64 on the CPU)."""
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The network's parameter dtype."""
+        return self._dtype
 
     @property
     def length(self) -> int:
@@ -253,14 +289,16 @@ class HFMaskedDiffusionPolicy:
         batch = states.shape[0]
         if batch == 0:
             return torch.zeros((0, self._length, self._vocab), dtype=torch.float64), Cost()
-        ids = torch.cat([torch.tensor([ctx], dtype=torch.long).expand(batch, -1), states], dim=1)
+        dev = self._device
+        context = torch.tensor([ctx], dtype=torch.long, device=dev).expand(batch, -1)
+        ids = torch.cat([context, states.to(dev)], dim=1)
         with torch.no_grad():
             lo = len(ctx) - int(self.shift)
             logits = self.model(input_ids=ids, use_cache=False).logits[:, lo : lo + self._length]
         logits = logits.to(torch.float64)
-        logits[..., self._forbidden] = -math.inf
+        logits[..., self._forbidden.to(logits.device)] = -math.inf
         cost = Cost(forward_tokens=int(ids.numel()), model_calls=1)
-        return torch.log_softmax(logits, dim=-1), cost
+        return to_host(torch.log_softmax(logits, dim=-1)), cost
 
     def denoise_step(
         self, prompt: Seq, states: Tensor, step: int, generator: torch.Generator

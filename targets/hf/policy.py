@@ -13,6 +13,13 @@ from torch import Tensor
 from tiltsample import validation
 from tiltsample.decoding import decode_until_complete, rows_to_seqs, seqs_to_rows
 from tiltsample.targets.hf import compat
+from tiltsample.targets.hf.devices import (
+    model_device,
+    model_dtype,
+    resolve_device,
+    resolve_dtype,
+    to_host,
+)
 from tiltsample.targets.hf.laws import filtered_logprobs
 from tiltsample.targets.hf.loading import (
     check_model_source,
@@ -68,9 +75,24 @@ class HFPolicy:
     max_batch
         Rows per forward call in the stateless methods (:meth:`next_logprobs`,
         :meth:`sequence_logprob`); sessions forward their whole batch at once.
+    device
+        Where the model runs (``"cpu"``, ``"cuda"``, ``"cuda:1"``, a ``torch.device``): the model
+        is moved there (in place, as ``Module.to``). None (default) keeps the model where it is
+        (:attr:`device` is then the device of its input embeddings). ``ValueError`` naming
+        ``device`` when it is malformed or not available (CUDA on a machine without it).
+    dtype
+        Cast the model to this dtype (``torch.float32``, ``bfloat16``, ``float16``, ``float64``
+        or a name: ``"float32"``, ``"bf16"``, ``"fp16"``, ...); None (default) keeps its dtype.
 
     Notes
     -----
+    Devices: the model, its KV cache and every tensor handed to it live on :attr:`device`;
+    every law and score returned to a sampler is float64 on the CPU (logits are normalised in
+    float64 on the device, then only the ``[B, V]`` law or the gathered scores are copied), where
+    the samplers' arithmetic and the caller's CPU ``torch.Generator`` live. Token tensors from
+    samplers (CPU) are moved to the device in :meth:`forward_logits`. See
+    :mod:`tiltsample.targets.hf.devices`.
+
     Prompts are token ids (:data:`~tiltsample.types.Seq`) exactly as the model sees them: build
     them with :meth:`encode` (which adds the tokenizer's BOS / chat template) or by hand. An empty
     prompt means "BOS only". ``vocab_size`` is the width of the model's logits (it may exceed the
@@ -85,13 +107,23 @@ class HFPolicy:
         eos_id: int | None = None,
         bos_id: int | None = None,
         max_batch: int = 256,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
     ) -> None:
         if not callable(model) or not hasattr(model, "config"):
             raise TypeError(
                 "model must be a transformers causal LM (a module with .config), "
                 f"got {type(model).__name__}"
             )
+        target_device = None if device is None else resolve_device(device)
+        target_dtype = None if dtype is None else resolve_dtype(dtype)
+        if target_dtype is not None:
+            model = model.to(target_dtype)
+        if target_device is not None:
+            model = model.to(target_device)
         self.model = model.eval()
+        self._device = model_device(model)
+        self._dtype = model_dtype(model)
         self.tokenizer = tokenizer
         config = model.config
         vocab = getattr(getattr(config, "get_text_config", lambda: config)(), "vocab_size", None)
@@ -118,12 +150,17 @@ class HFPolicy:
         cls,
         path: str | os.PathLike[str],
         *,
-        dtype: torch.dtype = torch.float32,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype = torch.float32,
         tokenizer: Any = "auto",
         local_files_only: bool | None = None,
         **kwargs: Any,
     ) -> HFPolicy:
         """Load a causal LM and its tokenizer from a folder (offline) or a hub name.
+
+        ``device`` (default None: the CPU) and ``dtype`` (default float32) are checked before
+        anything is loaded (``ValueError`` naming them); the weights are loaded in ``dtype`` and
+        the model moved to ``device``.
 
         ``tokenizer="auto"`` uses :func:`load_tokenizer` (``PreTrainedTokenizerFast`` when the
         folder has a ``tokenizer.json``); pass ``None`` for no tokenizer or an object to use it.
@@ -134,14 +171,16 @@ class HFPolicy:
         """
         from transformers import AutoModelForCausalLM
 
+        target_device = None if device is None else resolve_device(device)
+        target_dtype = resolve_dtype(dtype)
         offline = check_model_source(path, local_files_only)
         with loading_errors(path, offline):
             model = AutoModelForCausalLM.from_pretrained(
-                str(path), dtype=dtype, local_files_only=offline
+                str(path), dtype=target_dtype, local_files_only=offline
             )
         auto = isinstance(tokenizer, str) and tokenizer == "auto"
         tok = load_tokenizer(path, local_files_only=offline) if auto else tokenizer
-        return cls(model, tok, **kwargs)
+        return cls(model, tok, device=target_device, **kwargs)
 
     # ------------------------------------------------------------------ protocol attributes
     @property
@@ -156,9 +195,23 @@ class HFPolicy:
     def bos_id(self) -> int | None:
         return self._bos
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model, its KV caches and its inputs live (laws come back on the CPU)."""
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model's parameter dtype (laws come back in float64 whatever it is)."""
+        return self._dtype
+
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self.model.parameters())
-        return f"HFPolicy({self.name!r}, params={n}, V={self._vocab}, eos={self._eos})"
+        where = "" if self._device.type == "cpu" else f", device={str(self._device)!r}"
+        return (
+            f"HFPolicy({self.name!r}, params={n}, V={self._vocab}, eos={self._eos}, "
+            f"dtype={str(self._dtype).removeprefix('torch.')}{where})"
+        )
 
     # ------------------------------------------------------------------ text helpers
     def encode(self, text: str, *, chat: bool = False, add_special_tokens: bool = True) -> Seq:
@@ -219,16 +272,22 @@ class HFPolicy:
         position with ``last_only``, then computed for that position only when the model takes
         ``logits_to_keep``) and the KV cache it returned. ``cache`` is passed under the keyword the
         installed ``transformers`` takes (:mod:`tiltsample.targets.hf.compat`); None runs without
-        a cache. Used by :class:`~tiltsample.targets.hf.HFSession` for its prefill and blocks."""
+        a cache. Used by :class:`~tiltsample.targets.hf.HFSession` for its prefill and blocks.
+
+        The one door to the model: ``input_ids``, ``attention_mask`` (a boolean mask is moved as
+        such and made ``long`` on the device) and ``position_ids`` are moved to :attr:`device`
+        (no copy when they are there already); the logits stay on the device."""
+        dev = self._device
         kwargs = compat.forward_cache_kwargs(self.model, cache)
         if attention_mask is not None:
-            kwargs["attention_mask"] = attention_mask
+            mask = attention_mask.to(dev)
+            kwargs["attention_mask"] = mask.long() if mask.dtype == torch.bool else mask
         if position_ids is not None:
-            kwargs["position_ids"] = position_ids
+            kwargs["position_ids"] = position_ids.to(dev)
         if last_only and self._logits_to_keep:
             kwargs["logits_to_keep"] = 1
         with torch.no_grad():
-            out = self.model(input_ids=input_ids, **kwargs)
+            out = self.model(input_ids=input_ids.to(dev), **kwargs)
         logits = out.logits
         if last_only:
             logits = logits[:, -1]
@@ -242,10 +301,11 @@ class HFPolicy:
         for lo in range(0, len(prefixes), self.max_batch):
             chunk = prefixes[lo : lo + self.max_batch]
             rows, lengths = seqs_to_rows([ctx + p for p in chunk], pad_id=self._eos)
-            mask = (torch.arange(rows.shape[1])[None, :] < lengths[:, None]).long()
+            mask = torch.arange(rows.shape[1])[None, :] < lengths[:, None]
             logits, _ = self.forward_logits(rows, attention_mask=mask)
-            last = logits[torch.arange(len(chunk)), lengths - 1]
-            out[lo : lo + len(chunk)] = torch.log_softmax(last.to(torch.float64), dim=-1)
+            at = logits.device
+            last = logits[torch.arange(len(chunk), device=at), (lengths - 1).to(at)]
+            out[lo : lo + len(chunk)] = to_host(torch.log_softmax(last.to(torch.float64), dim=-1))
         return out
 
     def sequence_logprob(self, prompt: Seq, xs: Sequence[Seq], per_token: bool = False) -> Tensor:
@@ -260,12 +320,12 @@ class HFPolicy:
             if not any(chunk):
                 continue
             rows, lengths = seqs_to_rows([ctx + x for x in chunk], pad_id=self._eos)
-            mask = (torch.arange(rows.shape[1])[None, :] < lengths[:, None]).long()
+            mask = torch.arange(rows.shape[1])[None, :] < lengths[:, None]
             logits, _ = self.forward_logits(rows, attention_mask=mask)
             width = rows.shape[1] - n_ctx
             lp = torch.log_softmax(logits[:, n_ctx - 1 : -1].to(torch.float64), dim=-1)
-            tok = rows[:, n_ctx:]
-            got = lp.gather(-1, tok[..., None]).squeeze(-1)
+            tok = rows[:, n_ctx:].to(lp.device)
+            got = to_host(lp.gather(-1, tok[..., None]).squeeze(-1))
             valid = torch.arange(width)[None, :] < (lengths - n_ctx)[:, None]
             per[lo : lo + len(chunk), :width] = torch.where(valid, got, torch.zeros_like(got))
         return per if per_token else per.sum(dim=1)

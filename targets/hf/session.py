@@ -12,7 +12,15 @@ from torch import Tensor
 
 from tiltsample import validation
 from tiltsample.policy import check_token_block
-from tiltsample.targets.hf.cache import LogitsModel, concat_rows, fork_cache, prefill, tidy_columns
+from tiltsample.targets.hf.cache import (
+    LogitsModel,
+    concat_rows,
+    fork_cache,
+    prefill,
+    select_rows,
+    tidy_columns,
+)
+from tiltsample.targets.hf.devices import to_host
 from tiltsample.types import Cost, Seq
 
 __all__ = ["HFSession"]
@@ -45,6 +53,12 @@ class HFSession:
       (``torch.cat``, slicing, indexing, gathering) and never write in place, so two forks share
       the common prefix's memory until one of them changes it (copy-on-write). Cache layers of
       other types are deep-copied (and never compacted).
+
+    Devices: the KV cache lives on the policy's device; the bookkeeping above (tokens, lengths,
+    the live mask, laws) stays on the CPU. A forward call's ids, mask and positions are built on
+    the CPU and moved by :meth:`~tiltsample.targets.hf.HFPolicy.forward_logits`; logits are
+    normalised in float64 on the device and only the ``[B, V]`` law (or the gathered scores of
+    ``extend_and_score``) is copied back, so :meth:`logprobs` is always float64 on the CPU.
 
     Rows that ended with EOS report a point mass on EOS; their EOS padding is recorded but never
     pushed through the model. Cost: the prefill counts the distinct contexts' tokens once; every
@@ -196,18 +210,13 @@ class HFSession:
                 lp_known = base.gather(1, tok[:, None]).squeeze(1)
                 use_slot = rows & (pending_before > 0)
                 if bool(use_slot.any()):
-                    lse = torch.logsumexp(logits[:, slot].to(torch.float64), dim=-1)
-                    lp_slot = logits[:, slot].to(torch.float64).gather(1, tok[:, None]).squeeze(1)
-                    lp_known = torch.where(use_slot, lp_slot - lse, lp_known)
+                    lp_known = torch.where(use_slot, _token_logprob(logits[:, slot], tok), lp_known)
                 got = lp_known
             else:
-                row_logits = logits[:, slot].to(torch.float64)
-                got = row_logits.gather(1, tok[:, None]).squeeze(1) - torch.logsumexp(
-                    row_logits, dim=-1
-                )
+                got = _token_logprob(logits[:, slot], tok)
             ended_before = (held[:, :i] == self._eos).any(dim=1) if i else torch.zeros_like(rows)
             out[:, i] = torch.where(rows & ~ended_before, got, torch.zeros_like(got))
-        law = torch.log_softmax(logits[:, width - 1].to(torch.float64), dim=-1)
+        law = to_host(torch.log_softmax(logits[:, width - 1].to(torch.float64), dim=-1))
         self._set_laws(law, rows)
         return out
 
@@ -275,7 +284,7 @@ class HFSession:
                 self._cache = None
                 self._live = torch.zeros((0, 0), dtype=torch.bool)
             else:
-                self._cache.batch_select_indices(idx)
+                select_rows(self._cache, idx)
                 self._tidy()
 
     def append_rows(self, other: HFSession) -> None:
@@ -380,7 +389,7 @@ class HFSession:
         law = self._law
         if bool(rows.any()):
             logits, _ = self._forward_pending(rows, last_only=True)  # [B, V]: last slot
-            law = torch.log_softmax(logits.to(torch.float64), dim=-1)
+            law = to_host(torch.log_softmax(logits.to(torch.float64), dim=-1))
         self._set_laws(law, rows)
 
     def _forward_pending(self, rows: Tensor, *, last_only: bool) -> tuple[Tensor, int]:
@@ -398,10 +407,10 @@ class HFSession:
         ids = torch.where(real, self._tokens.gather(1, index), torch.full_like(index, self._eos))
         positions = torch.where(real, self._ctx_len[:, None] + index, torch.zeros_like(index))
         mask = torch.cat([self._live, real], dim=1)
-        logits, _ = self._policy.forward_logits(
+        logits, _ = self._policy.forward_logits(  # moves ids, mask and positions to the device
             ids,
             cache=self._cache,
-            attention_mask=mask.long(),
+            attention_mask=mask,
             position_ids=positions,
             last_only=last_only,
         )
@@ -417,3 +426,11 @@ class HFSession:
     def _tidy(self) -> None:
         """Crop columns dead in every row at the end; compact when holes dominate."""
         self._live, self._col = tidy_columns(self._cache, self._live, self._col, self._cached)
+
+
+def _token_logprob(logits: Tensor, tokens: Tensor) -> Tensor:
+    """``log softmax(logits)[r, tokens[r]]`` per row, in float64 on the logits' device; returned
+    on the CPU (only ``[B]`` scores cross the bus)."""
+    row = logits.to(torch.float64)
+    tok = tokens.to(row.device)
+    return to_host(row.gather(1, tok[:, None]).squeeze(1) - torch.logsumexp(row, dim=-1))

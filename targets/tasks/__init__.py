@@ -64,6 +64,7 @@ __all__ = [
     "answer_of_prompt",
     "answer_text_of_response",
     "build_tokenizer",
+    "check_placement",
     "decode",
     "encode",
     "extract_answer",
@@ -99,30 +100,52 @@ def model_path(name: str) -> Path:
     return MODEL_DIR / name
 
 
+def check_placement(device: Any = None, dtype: Any = None) -> tuple[str, str]:
+    """Checked ``(device, dtype)`` as canonical strings (``("cpu", "float32")`` for None, None;
+    ``("cuda:0", "bfloat16")``): ``ValueError`` naming ``device`` / ``dtype`` (malformed, CUDA
+    not available) before anything is loaded."""
+    import torch
+
+    from tiltsample.targets.hf import resolve_device, resolve_dtype
+
+    where = None if device is None else resolve_device(device)
+    dev = "cpu" if where is None or where.type == "cpu" else str(where)
+    kind = resolve_dtype(torch.float32 if dtype is None else dtype)
+    return dev, str(kind).removeprefix("torch.")
+
+
 @functools.lru_cache(maxsize=4)
-def _load_ar(path: str) -> Any:
+def _load_ar(path: str, device: str = "cpu", dtype: str = "float32") -> Any:
     from tiltsample.targets.hf import HFPolicy
 
-    return HFPolicy.from_pretrained(path)
+    return HFPolicy.from_pretrained(path, device=device, dtype=dtype)
 
 
-def load_policy(name: str = DEFAULT_AR) -> Any:
+def load_policy(name: str = DEFAULT_AR, *, device: Any = None, dtype: Any = None) -> Any:
     """The shipped causal LM ``name`` as an :class:`~tiltsample.targets.hf.HFPolicy` (offline).
 
-    Cached per process: policies are read-only, so sharing one is safe.
+    ``device`` (default: the CPU; ``"cuda"``, ``"cuda:1"``, ...) and ``dtype`` (default float32;
+    ``"bf16"``, ``torch.float16``, ...) are checked first (``ValueError`` naming them), see
+    :class:`~tiltsample.targets.hf.HFPolicy`. Cached per process and placement: policies are
+    read-only, so sharing one is safe.
     """
-    return _load_ar(str(model_path(name)))
+    path = str(model_path(name))
+    return _load_ar(path, *check_placement(device, dtype))
 
 
-def load_diffusion_policy(name: str = DEFAULT_DLM, **options: Any) -> Any:
+def load_diffusion_policy(
+    name: str = DEFAULT_DLM, *, device: Any = None, dtype: Any = None, **options: Any
+) -> Any:
     """The shipped masked-diffusion LM as a :class:`~tiltsample.targets.hf.HFMaskedDiffusionPolicy`.
 
-    ``options`` override the saved sampler defaults (``length``, ``num_steps``, ``unmasking``,
-    ``temperature``).
+    ``device`` and ``dtype`` as in :func:`load_policy`; ``options`` override the saved sampler
+    defaults (``length``, ``num_steps``, ``unmasking``, ``temperature``).
     """
     from tiltsample.targets.hf import HFMaskedDiffusionPolicy
 
-    return HFMaskedDiffusionPolicy.from_pretrained(model_path(name), **options)
+    dev, kind = check_placement(device, dtype)
+    path = model_path(name)
+    return HFMaskedDiffusionPolicy.from_pretrained(path, device=dev, dtype=kind, **options)
 
 
 def held_out_problems(n: int, seed: int = 0, task: ArithmeticTask = DEFAULT_TASK) -> list[Problem]:

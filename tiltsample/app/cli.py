@@ -23,6 +23,8 @@ from tiltsample.app.params import (
     build_checked,
     check_target_options,
     classify,
+    device_flag,
+    dtype_flag,
     int_type,
     names_list,
     out_file,
@@ -199,6 +201,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=False if args.no_progress else None,
         threads=args.threads,
+        device=args.device,
+        dtype=args.dtype,
     )
     print(result.table)
     for label, why in result.skipped.items():
@@ -355,6 +359,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_cmp.add_argument("--seed", type=nonneg, default=0)
     p_cmp.add_argument("--threads", type=positive, default=1, help="torch threads (default 1)")
+    p_cmp.add_argument(
+        "--device",
+        type=device_flag("--device"),
+        default=None,
+        help="where the models run: cpu (default), cuda, cuda:N, mps; samplers stay on the CPU",
+    )
+    p_cmp.add_argument(
+        "--dtype",
+        type=dtype_flag("--dtype"),
+        default=None,
+        help="model dtype: float32 (default), bfloat16/bf16, float16/fp16, float64",
+    )
     p_cmp.add_argument("--no-progress", action="store_true")
     p_cmp.set_defaults(func=_cmd_compare)
     return parser

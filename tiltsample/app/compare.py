@@ -25,8 +25,8 @@ Samplers (recipes; the ones registered when the run starts are used, others are 
 ``qalign``             MH on the verifier target, ``2(k - 1)`` steps
 =====================  =====================================================================
 
-Optional (by label only): ``dlm-base``, ``dlm-best-of-n`` and ``dlm-ets`` run on the shipped
-masked-diffusion model ``arith-dlm`` (:data:`DLM_RECIPES`).
+Optional (by label only): ``dlm-base``, ``dlm-best-of-n``, ``dlm-ets`` and ``dlm-fk-steering`` run
+on the shipped masked-diffusion model ``arith-dlm`` (:data:`DLM_RECIPES`); ``tri-tsmc``: toys only.
 
 Runs are written to a JSONL run file (:class:`~tiltsample.app.store.RunFile`) one cell at a time; an
 interrupted run resumes where it stopped with the same command, without losing or duplicating
@@ -148,6 +148,12 @@ def _dlm_ets(k: int) -> tuple[int, dict[str, Any]] | None:
     return 1, {"num_candidates": max(2, round(2 * k / 5)), "num_rollouts": 1}
 
 
+def _dlm_fk(k: int) -> tuple[int, dict[str, Any]] | None:
+    # one-shot fills every 12 steps: a particle costs 48 + 36 + 24 + 12 tokens (2.5 responses)
+    n = max(2, round(2 * k / 5))
+    return (n, {"num_particles": n, "resample_every": 12, "num_samples_phi": 1}) if k > 3 else None
+
+
 DLM_RECIPES: tuple[Recipe, ...] = (
     Recipe(
         "dlm-base",
@@ -169,6 +175,13 @@ DLM_RECIPES: tuple[Recipe, ...] = (
         _dlm_ets,
         target="dlm-verifier",
         summary="arith-dlm, ETS for masked diffusion: M=round(2k/5), K=1, I=4",
+    ),
+    Recipe(
+        "dlm-fk-steering",
+        "fk-steering",
+        _dlm_fk,
+        target="dlm-verifier",
+        summary="arith-dlm, FK steering: N=round(2k/5) particles, one-shot fills every 12 steps",
     ),
 )
 """Optional recipes on the shipped masked-diffusion model ``arith-dlm`` (run them by label, e.g.
@@ -453,6 +466,8 @@ def run_compare(
     seed: int = 0,
     progress: bool | None = None,
     threads: int | None = 1,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> CompareResult:
     """Run (or resume) a comparison and write ``compare.jsonl``, ``compare.md``, ``compare.png``.
 
@@ -478,6 +493,11 @@ def run_compare(
     threads
         torch intra-op threads during the run (restored afterwards). One thread is fastest for
         the tiny model on a shared machine.
+    device, dtype
+        Where the models run and in which dtype (default: the CPU, float32; e.g. ``"cuda"``,
+        ``"bf16"``), see :class:`~tiltsample.targets.hf.HFPolicy`. Samplers and their generators
+        stay on the CPU. A non-default value is part of the run's header, so a run resumes only
+        with the same placement.
 
     Raises
     ------
@@ -508,6 +528,7 @@ def run_compare(
     validation.non_negative_int("seed", seed)
     if threads is not None:
         validation.positive_int("threads", threads)
+    placement = tasks.check_placement(device, dtype)  # ValueError naming device / dtype
     if samplers is not None and (isinstance(samplers, str) or not samplers):
         raise ValueError(f"samplers must be a non-empty list of recipe labels, got {samplers!r}")
     validation.output_folder("out_dir", out_dir, create_below=Path.cwd())
@@ -516,9 +537,11 @@ def run_compare(
     if not recipes:
         raise ValueError("no sampler to compare (none of the requested recipes is registered)")
     model_dir = str(tasks.model_path(tasks.DEFAULT_AR) if model is None else Path(model))
-    policy = tasks._load_ar(model_dir)
+    policy = tasks._load_ar(model_dir, *placement)
     diffusion = (
-        tasks.load_diffusion_policy() if any(r.target == "dlm-verifier" for r in recipes) else None
+        tasks.load_diffusion_policy(device=placement[0], dtype=placement[1])
+        if any(r.target == "dlm-verifier" for r in recipes)
+        else None
     )
     problems = tasks.held_out_problems(n_prob, seed=seed)
     cells = plan(recipes, budget_list, n_prob, reps)
@@ -535,6 +558,11 @@ def run_compare(
     }
     if diffusion is not None:
         header["diffusion_model"] = tasks.DEFAULT_DLM
+    # only a non-default placement enters the header (run files written before stay resumable)
+    if placement[0] != "cpu":
+        header["device"] = placement[0]
+    if placement[1] != "float32":
+        header["dtype"] = placement[1]
     run = RunFile(out / "compare.jsonl", header)
     if progress is None:
         progress = sys.stderr.isatty()

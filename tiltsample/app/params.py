@@ -128,6 +128,39 @@ def budgets(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"every budget {exc}") from None
 
 
+def device_flag(flag: str) -> Callable[[str], str]:
+    """An argparse type for a device flag (``--device cuda:1``): checked by the library's rule
+    (:func:`tiltsample.targets.hf.resolve_device`: malformed, or CUDA on a machine without it),
+    reported on one line naming ``flag``; returns the canonical name (``"cuda:1"``)."""
+
+    def parse(text: str) -> str:
+        from tiltsample.targets.hf import resolve_device
+
+        try:
+            return str(resolve_device(text, flag))
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+
+    parse.__name__ = "device"
+    return parse
+
+
+def dtype_flag(flag: str) -> Callable[[str], str]:
+    """An argparse type for a model dtype flag (``--dtype bf16``), checked by
+    :func:`tiltsample.targets.hf.resolve_dtype`; returns the canonical name (``"bfloat16"``)."""
+
+    def parse(text: str) -> str:
+        from tiltsample.targets.hf import resolve_dtype
+
+        try:
+            return str(resolve_dtype(text, flag)).removeprefix("torch.")
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+
+    parse.__name__ = "dtype"
+    return parse
+
+
 def out_file(flag: str, path: str | Path) -> Path:
     try:
         return validation.output_file(flag, path, create_below=Path.cwd())

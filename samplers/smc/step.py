@@ -1,0 +1,273 @@
+r"""One SMC block step (``specs/smc.md`` §4): extend every unfinished particle by up to ``B``
+tokens from the proposal, reweight (the true tilt on completion, the stored twist otherwise, or
+the fully adapted increment of the optimal proposal), resample each run whose ESS fell below the
+threshold, then apply the resample-move schedule."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from tiltsample.decoding import entropy
+from tiltsample.samplers.smc.config import SMCConfig
+from tiltsample.samplers.smc.moves import gather_move_log_q, move_particles
+from tiltsample.samplers.smc.numerics import (
+    add_log,
+    cost_delta,
+    draw_tokens,
+    log_normalise,
+    row_seqs,
+    safe_log_softmax,
+    tempered,
+)
+from tiltsample.samplers.smc.proposals import adapt, twist_values
+from tiltsample.samplers.smc.resampling import batched_resample, conditional_resample, ess_rows
+from tiltsample.samplers.smc.state import ParticleRows, SMCInfo, SMCState, with_rows
+from tiltsample.types import Cost
+
+__all__ = ["Resampling", "block_step", "kernel_from_config", "resample_runs"]
+
+
+class _Block:
+    """The accumulators of one block step."""
+
+    def __init__(self, rows: ParticleRows) -> None:
+        self.cost = Cost()
+        self.generated = 0
+        self.inc = torch.zeros(rows.log_w.numel(), dtype=torch.float64)
+        """Reference proposal: the block's ``sum (log p - log q)`` per row."""
+        self.tok_lp: list[Tensor] = [rows.tok_log_p]
+        self.tok_lq: list[Tensor] = [rows.tok_log_q_move]
+        self.tok_h: list[Tensor] = [rows.tok_entropy]
+
+
+def _reference_rows(state: SMCState) -> Tensor:
+    """Row of particle 0 (the reference path of a conditional SMC) of every run."""
+    return torch.arange(state.num_groups) * state.num_particles
+
+
+def _draw_next(
+    config: SMCConfig,
+    state: SMCState,
+    rows: ParticleRows,
+    block: _Block,
+    logp_all: Tensor,
+    forced: bool,
+    generator: torch.Generator,
+) -> tuple[Tensor, Tensor]:
+    """The next token of every row and the proposal's log-law ``[M, V]`` it came from; reference
+    rows of a conditional SMC take their path's token, finished rows EOS padding."""
+    target, session = state.target, state.session
+    m, eos = rows.log_w.numel(), target.eos_id
+    position = session.length
+    if config.proposal == "optimal":
+        if rows.pending is None:
+            rows, c = adapt(config, target, session, rows, logp_all, position, generator)
+            block.cost = block.cost + c
+        assert rows.pending is not None and rows.pending_reward is not None
+        fallback = logp_all  # rows whose children all have weight 0 (dead particles)
+        if forced:
+            fallback = torch.full_like(logp_all, -math.inf)
+            fallback[:, eos] = 0.0
+        log_q_all = safe_log_softmax(logp_all + rows.pending, fallback)
+        tok = draw_tokens(generator, log_q_all)
+    elif forced:
+        log_q_all = torch.full_like(logp_all, -math.inf)
+        log_q_all[:, eos] = 0.0
+        tok = torch.full((m,), eos, dtype=torch.long)
+    else:
+        log_q_all = tempered(logp_all, config.temperature)
+        tok = draw_tokens(generator, log_q_all)
+    if state.reference is not None:
+        tok[_reference_rows(state)] = state.reference[:, position]
+    tok = torch.where(~rows.finished, tok, torch.full_like(tok, eos))
+    return tok, log_q_all
+
+
+def _extend(
+    config: SMCConfig,
+    state: SMCState,
+    rows: ParticleRows,
+    block: _Block,
+    generator: torch.Generator,
+) -> None:
+    """Extend every unfinished particle by one token and book its laws (``rows`` and ``block``
+    updated in place)."""
+    target, session = state.target, state.session
+    m, eos, cap = rows.log_w.numel(), target.eos_id, target.max_new_tokens
+    optimal = config.proposal == "optimal"
+    live = ~rows.finished
+    position = session.length
+    logp_all = session.logprobs().to(torch.float64)
+    forced = target.truncation == "condition" and position == cap - 1
+    tok, log_q_all = _draw_next(config, state, rows, block, logp_all, forced, generator)
+    lp = logp_all.gather(1, tok[:, None]).squeeze(1)
+    if not optimal:
+        lq = log_q_all.gather(1, tok[:, None]).squeeze(1)
+        step_inc = torch.where(torch.isneginf(lp), lp, lp - lq)
+        block.inc = block.inc + torch.where(live, step_inc, torch.zeros_like(step_inc))
+    if forced:
+        lq_move = torch.zeros(m, dtype=torch.float64)
+    else:
+        lq_move = gather_move_log_q(logp_all, tok, config.move_tau, eos)
+    zero = torch.zeros(m, dtype=torch.float64)
+    session.extend(tok)
+    rows.log_p = rows.log_p + torch.where(live, lp, zero)
+    block.tok_lp.append(torch.where(live, lp, zero)[:, None])
+    block.tok_lq.append(torch.where(live, lq_move, zero)[:, None])
+    block.tok_h.append(torch.where(live, entropy(logp_all), zero)[:, None])
+    block.generated += int(live.sum())
+    if state.reference is not None:  # the reference's tokens are given, not generated
+        block.generated -= int(live[_reference_rows(state)].sum())
+    just = live & ((tok == eos) | (position + 1 == cap))
+    if optimal:
+        assert rows.pending is not None and rows.pending_reward is not None
+        new_psi = rows.pending.gather(1, tok[:, None]).squeeze(1)
+        rows.log_psi = torch.where(live, new_psi, rows.log_psi)
+        new_rew = rows.pending_reward.gather(1, tok[:, None]).squeeze(1)
+        rows.reward = torch.where(just, new_rew, rows.reward)
+        rows.pending = rows.pending_reward = rows.log_next = None
+    rows.finished = rows.finished | just
+
+
+def _reweight(
+    config: SMCConfig,
+    state: SMCState,
+    rows: ParticleRows,
+    live0: Tensor,
+    inc: Tensor,
+    generator: torch.Generator,
+) -> Cost:
+    """The block's weight update of the rows unfinished before it (``live0``): reference proposal,
+    ``inc + log psi_new - log psi_old`` with ``psi_new = G`` on completion and a fresh twist
+    otherwise; optimal proposal, the next token's fully adapted increment (known before it is
+    drawn)."""
+    target, session = state.target, state.session
+    eos = target.eos_id
+    if config.proposal == "optimal":
+        if not bool((~rows.finished).any()):
+            return Cost()
+        logp_all = session.logprobs().to(torch.float64)
+        rows, cost = adapt(config, target, session, rows, logp_all, session.length, generator)
+        return cost
+    cost = Cost()
+    tokens = session.tokens()
+    newly = (live0 & rows.finished).nonzero().flatten()
+    still = (live0 & ~rows.finished).nonzero().flatten()
+    new_psi = rows.log_psi.clone()
+    if newly.numel():
+        seqs = row_seqs(tokens, newly, eos)
+        scores = target.evaluate_tilt(seqs, log_reference=rows.log_p[newly])
+        new_psi[newly] = scores.log_tilt
+        if scores.reward is not None:
+            rows.reward[newly] = scores.reward
+        cost = cost + scores.cost
+    if still.numel():
+        seqs = row_seqs(tokens, still, eos)
+        values, c = twist_values(config, target, session, still, seqs, rows.log_p[still], generator)
+        new_psi[still] = values
+        cost = cost + c
+    updated = add_log(rows.log_w, inc + new_psi, rows.log_psi)
+    rows.log_w = torch.where(live0, updated, rows.log_w)
+    rows.log_psi = new_psi
+    return cost
+
+
+class Resampling(NamedTuple):
+    """The resampling decision of every run after a block."""
+
+    log_z: Tensor
+    """``[G]`` accumulated ``log Ẑ`` (``-inf`` for a run that failed)."""
+    counts: Tensor
+    """``[G]`` resampling events so far."""
+    ess: Tensor
+    """``[G]`` ESS at the decision (NaN for a run with nothing left to do)."""
+    resampled: Tensor
+    """``[G]`` bool."""
+
+
+def resample_runs(
+    config: SMCConfig, state: SMCState, rows: ParticleRows, generator: torch.Generator
+) -> Resampling:
+    """Resample each run whose ESS is below ``ess_threshold · N`` (never after its last block),
+    conditionally when the state has reference paths; the evidence bookkeeping follows
+    ``config.convention``. ``rows`` and the session are reordered by the ancestors."""
+    n, groups = state.num_particles, state.num_groups
+    log_z = state.log_z.clone()
+    counts = state.resample_count.clone()
+    lw = rows.log_w.view(groups, n)
+    active = ~rows.finished.view(groups, n).all(dim=1)  # never resample after the last block
+    ess_now = torch.where(active, ess_rows(lw), torch.full((groups,), math.nan, dtype=lw.dtype))
+    always = config.ess_threshold >= 1.0  # kappa = 1: every block; kappa = 0: never
+    need = active if always else active & (ess_now < config.ess_threshold * n)
+    level = torch.logsumexp(lw, dim=1) - math.log(n)
+    ok = torch.isfinite(level)
+    log_z = torch.where(need & ~ok, torch.full_like(log_z, -math.inf), log_z)  # run failed
+    resampled = need & ok
+    if bool(resampled.any()):
+        ancestors = torch.arange(n * groups)
+        gs = resampled.nonzero().flatten()
+        weights = torch.exp(log_normalise(lw[gs]))
+        if state.reference is not None:
+            anc = conditional_resample(config.resampling, generator, weights)
+        else:
+            anc = batched_resample(config.resampling, generator, weights)
+        ancestors.view(groups, n)[gs] = gs[:, None] * n + anc
+        if config.convention == "reset":
+            log_z[gs] = log_z[gs] + level[gs]
+            rows.log_w.view(groups, n)[gs] = 0.0
+        else:
+            rows.log_w.view(groups, n)[gs] = level[gs][:, None].expand(-1, n).clone()
+        counts[gs] += 1
+        state.session.select(ancestors)
+        rows.select(ancestors)
+    return Resampling(log_z, counts, ess_now, resampled)
+
+
+def block_step(
+    config: SMCConfig, generator: torch.Generator, state: SMCState
+) -> tuple[SMCState, SMCInfo]:
+    """One block step of every run (the kernel of :func:`kernel_from_config`)."""
+    session = state.session
+    session_before = session.cost
+    rows = ParticleRows(state)
+    live0 = ~rows.finished
+    block = _Block(rows)
+    for _ in range(config.block_size):
+        if not bool((~rows.finished).any()):
+            break
+        _extend(config, state, rows, block, generator)
+    rows.tok_log_p = torch.cat(block.tok_lp, dim=1)
+    rows.tok_log_q_move = torch.cat(block.tok_lq, dim=1)
+    rows.tok_entropy = torch.cat(block.tok_h, dim=1)
+    cost = block.cost + _reweight(config, state, rows, live0, block.inc, generator)
+    res = resample_runs(config, state, rows, generator)
+    accepted = proposed = 0
+    if config.num_moves and state.reference is None:
+        # after every block, in every run, resampled or not: a schedule that depends on t only
+        # (moving only after an ESS-triggered resampling would tie the moves to the weights)
+        rows, c, accepted, proposed = move_particles(
+            config, state.target, session, rows, config.num_moves, generator
+        )
+        cost = cost + c
+    cost = cost + Cost(generated_tokens=block.generated) + cost_delta(session.cost, session_before)
+    new_state = with_rows(state, rows, cost, accepted, proposed)._replace(
+        log_z=res.log_z,
+        steps=state.steps + 1,
+        resample_count=res.counts,
+        ess_history=(*state.ess_history, res.ess),
+    )
+    return new_state, SMCInfo(cost, res.ess, res.resampled)
+
+
+def kernel_from_config(config: SMCConfig) -> Any:
+    """The step function ``step(generator, state) -> (state, info)`` of a validated
+    :class:`~tiltsample.samplers.smc.config.SMCConfig`."""
+
+    def step(generator: torch.Generator, state: SMCState) -> tuple[SMCState, SMCInfo]:
+        return block_step(config, generator, state)
+
+    return step
