@@ -9,19 +9,34 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
+
+#: Kinds of reference policy a sampler accepts (the conformance suite builds matching toys).
+TARGET_KINDS = ("autoregressive", "masked-diffusion")
 
 
 @dataclass(frozen=True)
 class Entry:
-    """A registered sampler or target."""
+    """A registered sampler or target.
+
+    ``example`` holds small, fast parameters and ``example_num_samples`` a draw count: the
+    conformance suite (:func:`tiltsample.testing.conformance.check_registered`) runs every
+    registered sampler with them, so registering a sampler is what puts it under test.
+    ``target_kind`` says which policies it accepts; ``targets_pi=False`` marks a sampler whose
+    draws are not aimed at the tilted target (``ancestral`` samples ``p_ref``).
+    """
 
     name: str
     path: str
     summary: str
     kind: str = ""
+    example: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    example_num_samples: int = 4
+    target_kind: str = "autoregressive"
+    targets_pi: bool = True
 
     def load(self) -> Callable[..., Any]:
         """Import and return the registered factory."""
@@ -39,12 +54,56 @@ def _check_name(name: str) -> None:
         raise ValueError(f"registry names are kebab-case (lower case, '-'), got {name!r}")
 
 
-def register_sampler(name: str, path: str, summary: str, kind: str = "iid") -> None:
-    """Register ``path`` (``"module:sampler"``) under ``name``; re-registering replaces it."""
+def register_sampler(
+    name: str,
+    path: str,
+    summary: str,
+    kind: str = "iid",
+    *,
+    example: Mapping[str, Any] | None = None,
+    example_num_samples: int = 4,
+    target_kind: str = "autoregressive",
+    targets_pi: bool = True,
+) -> None:
+    """Register ``path`` (``"module:sampler"``) under ``name``; re-registering replaces it.
+
+    Parameters
+    ----------
+    name, path, summary
+        Kebab-case name, ``"package.module:factory"`` and a one-line description.
+    kind
+        ``"iid"`` (independent, possibly weighted draws) or ``"markov"`` (chains).
+    example, example_num_samples
+        Small parameters and a draw count the conformance suite runs the sampler with.
+    target_kind
+        ``"autoregressive"`` or ``"masked-diffusion"``: the policies it accepts.
+    targets_pi
+        False for a sampler whose draws are not aimed at the tilted target (``ancestral``).
+    """
     _check_name(name)
     if ":" not in path:
         raise ValueError(f"path must look like 'package.module:attribute', got {path!r}")
-    _SAMPLERS[name] = Entry(name, path, summary, kind)
+    if kind not in ("iid", "markov"):
+        raise ValueError(f"kind must be 'iid' or 'markov', got {kind!r}")
+    if target_kind not in TARGET_KINDS:
+        raise ValueError(f"target_kind must be one of {list(TARGET_KINDS)}, got {target_kind!r}")
+    if not isinstance(example_num_samples, int) or example_num_samples < 1:
+        raise ValueError(f"example_num_samples must be an int >= 1, got {example_num_samples!r}")
+    _SAMPLERS[name] = Entry(
+        name,
+        path,
+        summary,
+        kind,
+        MappingProxyType(dict(example or {})),
+        example_num_samples,
+        target_kind,
+        targets_pi,
+    )
+
+
+def unregister_sampler(name: str) -> None:
+    """Remove a registered sampler (``ValueError`` naming the closest match if unknown)."""
+    del _SAMPLERS[sampler_entry(name).name]
 
 
 def register_target(name: str, path: str, summary: str) -> None:
@@ -89,6 +148,8 @@ register_sampler(
     f"{_S}.ancestral:sampler",
     "i.i.d. draws from p_ref (optionally at a temperature; "
     "low temperature is NOT the power distribution)",
+    example={"temperature": 0.7},
+    targets_pi=False,
 )
 register_sampler("exact", f"{_S}.exact:sampler", "exact i.i.d. draws from an enumerable target")
 register_sampler(
@@ -96,26 +157,34 @@ register_sampler(
     f"{_S}.best_of_n:sampler",
     "best-of-N: one SIR draw among N candidates (default, selection='softmax') or the argmax "
     "of the tilt (selection='argmax')",
+    example={"num_candidates": 3},
 )
 register_sampler(
-    "beam", f"{_S}.beam:sampler", "beam search on prefix log-density (+ optional prefix potential)"
+    "beam",
+    f"{_S}.beam:sampler",
+    "beam search on prefix log-density (+ optional prefix potential)",
+    example={"num_beams": 3},
+    example_num_samples=2,
 )
 register_sampler(
     "importance",
     f"{_S}._template:sampler",
     "self-normalised importance sampling from p_ref (the copy-me template)",
+    example={"temperature": 1.3},
 )
 register_sampler(
     "imh",
     f"{_S}.imh:sampler",
     "independence Metropolis–Hastings with whole-sequence proposals from p_ref",
     kind="markov",
+    example={"num_steps": 4},
 )
 register_sampler(
     "ets",
     f"{_S}.ets:sampler",
     "ETS: energy-guided SIR per block with K-rollout energies (ETS-IS via proposal=); "
     "autoregressive and masked diffusion",
+    example={"num_candidates": 3, "num_rollouts": 2, "block_size": 1},
 )
 
 _T = "tiltsample.targets.toys"
@@ -149,6 +218,7 @@ register_sampler(
     f"{_S}.smc:sampler",
     "SMC: token/block steps, prefix/lookahead/learned twists, tempered or optimal proposal, "
     "adaptive resampling, resample-move, log_evidence",
+    example={"num_moves": 1, "block_size": 2},
 )
 register_sampler(
     "csmc",
@@ -160,21 +230,26 @@ register_sampler(
     f"{_S}.smc.particle_gibbs:particle_gibbs_sampler",
     "particle Gibbs: the CSMC kernel iterated (Markov)",
     kind="markov",
+    example={"num_steps": 3, "num_particles": 4},
 )
 register_sampler(
     "power-smc",
     f"{_S}.smc.power_smc:sampler",
     "Power-SMC for p_ref^alpha: tau=1/alpha proposal, prefix-only weights, optional alpha ramp",
+    example={"alpha_ramp": 2},
 )
 register_sampler(
     "fk-steering",
     f"{_S}.smc.fk_steering:sampler",
     "FK steering of masked-diffusion LMs: particles resampled by intermediate-reward potentials",
+    example={"num_samples_phi": 2},
+    target_kind="masked-diffusion",
 )
 register_sampler(
     "tri-tsmc",
     f"{_S}.smc.tri_tsmc:sampler",
     "TRI-TSMC: learn a twist (trust-region reweighting + projection), then twisted SMC; toys",
+    example={"num_iterations": 1, "num_paths": 16},
 )
 register_sampler(
     "mh",
@@ -182,6 +257,7 @@ register_sampler(
     "suffix-resampling Metropolis–Hastings, uniform or entropy-jump cuts, exact for variable "
     "lengths",
     kind="markov",
+    example={"num_steps": 4, "proposal_temperature": 0.7},
 )
 register_sampler(
     "power",
@@ -189,16 +265,19 @@ register_sampler(
     "power sampling (Karan & Du): MH on p^alpha, uniform cut, proposal at 1/alpha; "
     "block_size= for the stage schedule",
     kind="markov",
+    example={"alpha": 2.0, "num_steps": 4},
 )
 register_sampler(
     "entropy-cut",
     f"{_S}.mh.entropy_cut:sampler",
     "entropy-cut MH (Zhou, Mehrotra & Liu): power sampling with cuts at entropy jumps",
     kind="markov",
+    example={"alpha": 2.0, "num_steps": 4, "cut_power": 2.0},
 )
 register_sampler(
     "qalign",
     f"{_S}.mh.qalign:sampler",
     "QAlign: uniform-cut suffix MH with p_ref proposals on a reward-tilted target",
     kind="markov",
+    example={"num_steps": 4},
 )
