@@ -31,7 +31,8 @@ TOOLS := .venv-tools
 lock:
 	test -x $(TOOLS)/bin/python || $(PYTHON) -m venv $(TOOLS)
 	$(TOOLS)/bin/python -m pip install --quiet pip-tools==7.7.0
-	$(TOOLS)/bin/pip-compile --quiet --upgrade --allow-unsafe --strip-extras --extra dev \
+	$(TOOLS)/bin/pip-compile --quiet --upgrade --allow-unsafe --strip-extras \
+	    --extra dev --extra ray --extra arviz --extra docs \
 	    -c lock-constraints.txt --no-emit-find-links --no-emit-index-url \
 	    -o $(LOCK) pyproject.toml
 
@@ -42,7 +43,7 @@ test-latest:
 	test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install --quiet torch==2.13.0
 	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager \
-	    -c constraints.txt -e '.[dev]'
+	    -c constraints.txt -e '.[dev,ray,arviz,docs]'
 	$(LATEST)/bin/python -m pip check
 	$(LATEST)/bin/python -m pip freeze --exclude-editable > $(LATEST)/versions.txt
 	$(LATEST)/bin/python -m pytest -q -p no:cacheprovider \

@@ -44,7 +44,8 @@ def locked() -> dict[str, str]:
 def declared() -> list[Requirement]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     reqs = [Requirement(r) for r in project["dependencies"]]
-    reqs += [Requirement(r) for r in project["optional-dependencies"]["dev"]]
+    for group in project["optional-dependencies"].values():  # every extra is locked and tested
+        reqs += [Requirement(r) for r in group]
     return reqs
 
 
