@@ -48,10 +48,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tiltsample.decoding import tempered_logprobs
+from tiltsample.decode_engine import decode_step
 from tiltsample.policy import DecodeSession, open_session, row_lengths
 from tiltsample.results import SampleSet, Selection
-from tiltsample.samplers.ets.chains import CAND, DEAD, DIRTY, HOLD, ROLL, Chain, inverse_cdf
+from tiltsample.samplers.ets.chains import CAND, DEAD, DIRTY, HOLD, ROLL, Chain
 from tiltsample.samplers.ets.config import ETSConfig, resolve_block_size
 from tiltsample.samplers.ets.proposal import clip_log_ratio
 from tiltsample.samplers.ets.rollout import log_mean_energy, needs_reference
@@ -60,6 +60,7 @@ from tiltsample.samplers.ets.scoring import AnswerCache, Scorer
 from tiltsample.samplers.ets.selection import candidate_log_weights, selection_probabilities
 from tiltsample.samplers.ets.state import Batch, ETSInfo, ETSState, cost_delta, finish_batch
 from tiltsample.target import TiltedTarget
+from tiltsample.token_laws import Law, inverse_cdf, tempered_law
 from tiltsample.types import Cost, Seq
 
 __all__ = ["ContinuousETS", "continuous_step"]
@@ -149,31 +150,34 @@ class ContinuousETS(RowScheduler):
         target = self.target
         session = self.session
         assert session is not None
-        eos = target.eos_id
         lens = row_lengths(session)
-        logp = session.logprobs().to(torch.float64)
+        logp = session.logprobs()
         n = self.rows
         self._park_rollout_prefixes(session, n)
         kind = torch.tensor(self.row_kind, dtype=torch.long)
-        tok, lq = self._draw(logp, kind, n)
-        dead = kind == DEAD
         assert not bool((kind >= HOLD).any())  # resolved by admit before every tick
-        forced = dead
-        if target.truncation == "condition":
-            forced = forced | (lens == self.d - 1)
-        tok = torch.where(forced, torch.full_like(tok, eos), tok)
-        lq = torch.where(forced, torch.zeros_like(lq), lq)
-        lp = logp.gather(1, tok[:, None]).squeeze(1)
-        session.extend(tok)  # dead rows get EOS padding: never pushed through the model again
+        # one position of every row under the decode engine's rules (the candidates' or the
+        # rollouts' tempered law, EOS forced at the cap under truncation="condition", dead rows
+        # padded with EOS), each token by inverse CDF of its chain's next uniform
+        out = decode_step(
+            logp,
+            self._row_laws(kind),
+            eos_id=target.eos_id,
+            live=kind != DEAD,
+            position=lens,
+            cap=torch.full((n,), self.d, dtype=torch.long),
+            force_eos=target.truncation == "condition",
+            uniforms=self._uniforms(n),
+        )
+        session.extend(out.tokens)  # dead rows get EOS padding: never pushed through the model
         n_cand = int((kind == CAND).sum())
         n_roll = int((kind == ROLL).sum())
         self.generated += n_cand + n_roll
         self.counters["candidate_tokens"] += n_cand
         self.counters["rollout_tokens"] += n_roll
-        zero = torch.zeros_like(lp)
-        self.lp = self.lp + torch.where(dead, zero, lp)
-        self.lq = self.lq + torch.where(dead, zero, lq)
-        closed = self._close_rows(session, lens, tok)
+        self.lp = self.lp + out.log_p
+        self.lq = self.lq + out.log_q
+        closed = self._close_rows(session, lens, out.tokens, out.live)
         events = []
         for ch in closed:
             if ch.rollouts or not ch.inc:
@@ -198,10 +202,18 @@ class ContinuousETS(RowScheduler):
                 ch.park = park
                 ch.needs_park = False
 
-    def _draw(self, logp: Tensor, kind: Tensor, n: int) -> tuple[Tensor, Tensor]:
-        """One token per row and its log-probability under the law it was drawn from; the
-        uniforms come per chain, one per row in canonical (session) order."""
+    def _row_laws(self, kind: Tensor) -> Law:
+        """The law of every row: the candidates' temperature or the rollouts' proposal
+        temperature."""
         cfg = self.cfg
+        if cfg.temperature == cfg.proposal_temperature:
+            return tempered_law(cfg.temperature)
+        tau = torch.full(kind.shape, cfg.proposal_temperature, dtype=torch.float64)
+        tau[kind == CAND] = cfg.temperature
+        return tempered_law(tau)
+
+    def _uniforms(self, n: int) -> Tensor:
+        """The uniforms of a tick: per chain, one per live row in canonical (session) order."""
         by_chain: dict[int, list[int]] = {}
         for r, c in enumerate(self.row_chain):
             if self.row_kind[r] != DEAD:
@@ -209,23 +221,11 @@ class ContinuousETS(RowScheduler):
         u = torch.zeros(n, dtype=torch.float64)
         for c, rows in by_chain.items():
             u[rows] = self.chains[c].stream.take(len(rows))
-        tok = torch.empty(n, dtype=torch.long)
-        lq = torch.empty(n, dtype=torch.float64)
-        groups = (
-            [(cfg.temperature, torch.ones(n, dtype=torch.bool))]
-            if cfg.temperature == cfg.proposal_temperature
-            else [(cfg.temperature, kind == CAND), (cfg.proposal_temperature, kind == ROLL)]
-        )
-        for tau, mask in groups:
-            if not bool(mask.any()):
-                continue
-            law = tempered_logprobs(logp[mask], tau)
-            t = inverse_cdf(law, u[mask])
-            tok[mask] = t
-            lq[mask] = law.gather(1, t[:, None]).squeeze(1)
-        return tok, lq
+        return u
 
-    def _close_rows(self, session: DecodeSession, lens: Tensor, tok: Tensor) -> list[Chain]:
+    def _close_rows(
+        self, session: DecodeSession, lens: Tensor, tok: Tensor, live: Tensor
+    ) -> list[Chain]:
         """Record the rows that finished this tick (EOS, the cap, or a candidate block's end);
         return the chains whose rows have all finished."""
         target = self.target
@@ -233,7 +233,7 @@ class ContinuousETS(RowScheduler):
         n = self.rows
         new_len = (lens + 1).tolist()
         tok_l = tok.tolist()
-        ended = ((tok == eos) | (lens + 1 >= self.d)).tolist()
+        ended = (~live).tolist()
         toks: list[list[int]] | None = None
         closed: list[Chain] = []
         lp_l, lq_l = self.lp.tolist(), self.lq.tolist()

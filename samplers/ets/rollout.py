@@ -52,9 +52,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from tiltsample.decode_engine import score_continuations
 from tiltsample.decoding import decode_until_complete, rows_to_seqs
 from tiltsample.diffusion import MaskedDiffusionPolicy, denoise, states_to_seqs
-from tiltsample.policy import DecodeSession, extend_and_score
+from tiltsample.policy import DecodeSession
 from tiltsample.samplers.ets.proposal import clip_log_ratio
 from tiltsample.target import TiltedTarget
 from tiltsample.types import Cost, Seq
@@ -219,9 +220,7 @@ def rollouts_from_sessions(
         token_lq = dec.token_log_q
         # teacher forcing: p_ref of all rollout tokens, in one model call when the session can
         # score given tokens (extend_and_score), else one call per position
-        token_lp = extend_and_score(ref, dec.tokens).to(torch.float64)
-        live = torch.arange(dec.tokens.shape[1])[None, :] < dec.new_lengths[:, None]
-        token_lp = torch.where(live, token_lp, torch.zeros_like(token_lp))
+        token_lp = score_continuations(ref, dec.tokens, dec.new_lengths)
         extra = prop.cost
     log_ref = token_lp.sum(dim=1)
     log_q = token_lq.sum(dim=1)

@@ -1,6 +1,7 @@
 """Suffix decoding: extend the rows of a decode session from ``q_tau`` to EOS or each row's cap,
 recording ``l``, ``g`` and ``H`` per token — in lock-step over equal-length rows (with teacher
-forcing) or over ragged rows (finished rows parked out of the batch)."""
+forcing) or over ragged rows (finished rows parked out of the batch). Both are requests to the
+decode engine (:mod:`tiltsample.decode_engine`) with the MH proposal law."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from tiltsample.policy import DecodeSession, append_rows
+from tiltsample.decode_engine import Decoded, DecodeRequest, Parking, decode
+from tiltsample.policy import DecodeSession
 from tiltsample.samplers.mh.config import MHConfig
-from tiltsample.samplers.mh.laws import TokenLaw, token_law
+from tiltsample.samplers.mh.laws import proposal_law
 
 __all__ = ["Slot", "Suffix", "decode_ragged", "decode_rows", "empty_suffix"]
 
@@ -72,56 +74,25 @@ def decode_rows(
     ``truncation="condition"`` rule) reaching position ``cap - 1`` gets EOS with ``g = 0`` and
     ``l = log p(EOS | x_<cap)`` (a teacher-forced EOS there is treated the same way). A row that
     stops at its cap without EOS is padded with EOS in the session (its tokens past the cap are
-    never read: the next use truncates below them).
+    never read: the next use truncates below them). The loop is the decode engine's
+    (:func:`tiltsample.decode_engine.decode`) with the law :func:`proposal_law` of ``config``.
     """
     rows = session.batch_size
     if rows == 0:
         return empty_suffix(0)
-    if start is None:
-        start = torch.full((rows,), session.length, dtype=torch.long)
-    live = caps > start
-    steps = int((caps - start).max())
-    force_rows = torch.as_tensor(force_eos, dtype=torch.bool).expand(rows)
-    toks: list[Tensor] = []
-    ells: list[Tensor] = []
-    gs: list[Tensor] = []
-    hs: list[Tensor] = []
-    new_len = torch.zeros(rows, dtype=torch.long)
-    generated = 0
-    eos = torch.full((rows,), eos_id, dtype=torch.long)
-    for step in range(steps):
-        if not bool(live.any()):
-            break
-        t = start + step
-        law = token_law(
-            session.logprobs(), config.proposal_temperature, config.support, config.top_k
-        )
-        tok, g, is_forced = _draw_forced(
-            generator, law, t, step, caps, force_rows, forced, forced_until, eos
-        )
-        ell = law.log_p.gather(1, tok[:, None]).squeeze(1)
-        zero = torch.zeros_like(ell)
-        toks.append(torch.where(live, tok, eos))
-        ells.append(torch.where(live, ell, zero))
-        gs.append(torch.where(live, g, zero))
-        hs.append(torch.where(live, law.entropy, zero))
-        new_len += live.long()
-        generated += int((live & ~is_forced).sum())
-        fed = torch.where(live, tok, eos)
-        if hard_cap is not None:
-            fed = torch.where(live & (t + 1 == caps) & (caps == hard_cap), eos, fed)
-        session.extend(fed)
-        live = live & (tok != eos_id) & (t + 1 < caps)
-    if not toks:
-        return empty_suffix(rows)
-    return Suffix(
-        torch.stack(toks, 1),
-        torch.stack(ells, 1),
-        torch.stack(gs, 1),
-        torch.stack(hs, 1),
-        new_len,
-        generated,
+    request = DecodeRequest(
+        law=proposal_law(config),
+        eos_id=eos_id,
+        start=session.length if start is None else start,
+        cap=caps,
+        force_eos=force_eos,
+        forced=forced,
+        forced_until=forced_until,
+        hard_cap=hard_cap,
+        record_entropy=True,
     )
+    decoded, _ = decode(session, generator, request)
+    return _suffix(decoded)
 
 
 def decode_ragged(
@@ -145,128 +116,34 @@ def decode_ragged(
     most ``shrink_below`` of its rows are live (and it has ``>= min_rows`` rows), the finished
     ones are parked in a fork (``select``) and come back at the end
     (:func:`~tiltsample.policy.append_rows`, then ``select`` to restore the row order), so forward
-    calls push mostly new tokens instead of padding.
+    calls push mostly new tokens instead of padding (the engine's
+    :class:`~tiltsample.decode_engine.Parking`).
     """
     rows = session.batch_size
     if rows == 0:
         return empty_suffix(0), session
-    live = caps > start
-    steps = int((caps - start).max())
-    width = max(steps, 0)
-    toks = torch.full((rows, width), eos_id, dtype=torch.long)
-    ells = torch.zeros((rows, width), dtype=torch.float64)
-    gs = torch.zeros((rows, width), dtype=torch.float64)
-    hs = torch.zeros((rows, width), dtype=torch.float64)
-    new_len = torch.zeros(rows, dtype=torch.long)
-    generated = 0
-    members = torch.arange(rows)  # original index of every row of the decoding session
-    parked: list[tuple[DecodeSession, Tensor]] = []
-    for step in range(steps):
-        if not bool(live[members].any()):
-            break
-        if int(members.numel()) >= min_rows:
-            members = _park(session, live, members, parked, shrink_below)
-        mine = live[members]
-        t = start[members] + step
-        cap = caps[members]
-        law = token_law(
-            session.logprobs(), config.proposal_temperature, config.support, config.top_k
-        )
-        tok = _sample(generator, law.log_q)
-        g = law.log_q.gather(1, tok[:, None]).squeeze(1)
-        if force_eos:
-            at_cap = t == cap - 1
-            tok = torch.where(at_cap, torch.full_like(tok, eos_id), tok)
-            g = torch.where(at_cap, torch.zeros_like(g), g)
-        ell = law.log_p.gather(1, tok[:, None]).squeeze(1)
-        keep = mine
-        idx = members[keep]
-        toks[idx, step] = tok[keep]
-        ells[idx, step] = ell[keep]
-        gs[idx, step] = g[keep]
-        hs[idx, step] = law.entropy[keep]
-        new_len[idx] += 1
-        generated += int(keep.sum())
-        fed = torch.where(keep, tok, torch.full_like(tok, eos_id))
-        # a row at the target's cap is fed EOS: the policy need not define a law past it (that
-        # position of the session row is never read again)
-        fed = torch.where(keep & (t + 1 == cap) & (cap == hard_cap), eos_id, fed)
-        session.extend(fed)
-        live[members] = keep & (tok != eos_id) & (t + 1 < cap)
-    session = _unpark(session, members, parked)
-    width = int(new_len.max()) if rows else 0
-    suf = Suffix(toks[:, :width], ells[:, :width], gs[:, :width], hs[:, :width], new_len, generated)
-    return suf, session
+    request = DecodeRequest(
+        law=proposal_law(config),
+        eos_id=eos_id,
+        start=start,
+        cap=caps,
+        force_eos=force_eos,
+        hard_cap=hard_cap,
+        record_entropy=True,
+        parking=Parking(shrink_below, min_rows),
+    )
+    decoded, session = decode(session, generator, request)
+    return _suffix(decoded), session
 
 
-def _sample(generator: torch.Generator, log_q: Tensor) -> Tensor:
-    """One draw per row of normalised log-probs ``[R, V]`` (``exp``, not ``softmax``: see
-    :mod:`~tiltsample.samplers.mh.laws`)."""
-    return torch.multinomial(torch.exp(log_q), 1, generator=generator).squeeze(1)
-
-
-def _draw_forced(
-    generator: torch.Generator,
-    law: TokenLaw,
-    t: Tensor,
-    step: int,
-    caps: Tensor,
-    force_rows: Tensor,
-    forced: Tensor | None,
-    forced_until: Tensor | None,
-    eos: Tensor,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """One position of :func:`decode_rows`: the token of every row (drawn from ``q_tau``,
-    teacher-forced below ``forced_until`` or EOS forced at ``cap - 1``), its ``g`` and whether
-    it was teacher-forced."""
-    rows = int(t.numel())
-    tok = _sample(generator, law.log_q)
-    g = law.log_q.gather(1, tok[:, None]).squeeze(1)
-    is_forced = torch.zeros(rows, dtype=torch.bool)
-    if forced is not None and forced_until is not None:
-        is_forced = t < forced_until
-        if bool(is_forced.any()):
-            col = min(step, forced.shape[1] - 1)
-            tok = torch.where(is_forced, forced[:, col], tok)
-            g = law.log_q.gather(1, tok[:, None]).squeeze(1)
-    at_cap = force_rows & (t == caps - 1)
-    if bool(at_cap.any()):
-        # the forced EOS is the length convention, not a draw: exempt from support="top_k"
-        # (l from the full softmax; the documented law, docs/samplers/mcmc.md "Support")
-        tok = torch.where(at_cap & ~is_forced, eos, tok)
-        g = torch.where(at_cap, torch.zeros_like(g), law.log_q.gather(1, tok[:, None]).squeeze(1))
-    return tok, g, is_forced
-
-
-def _park(
-    session: DecodeSession,
-    live: Tensor,
-    members: Tensor,
-    parked: list[tuple[DecodeSession, Tensor]],
-    shrink_below: float,
-) -> Tensor:
-    """Park the finished rows of ``session`` in a fork (appended to ``parked`` with their
-    original indices) when at most ``shrink_below`` of its rows are live; return the original
-    indices of the rows left in ``session``."""
-    mine = live[members]
-    n = int(members.numel())
-    if int(mine.sum()) > shrink_below * n:
-        return members
-    gone = (~mine).nonzero().flatten()
-    piece = session.fork()
-    piece.select(gone)
-    parked.append((piece, members[gone]))
-    session.select(mine.nonzero().flatten())
-    return members[mine]
-
-
-def _unpark(
-    session: DecodeSession, members: Tensor, parked: list[tuple[DecodeSession, Tensor]]
-) -> DecodeSession:
-    """``session`` with the parked rows back, in the original row order."""
-    for piece, idx in parked:
-        session = append_rows(session, piece)
-        members = torch.cat([members, idx])
-    if parked:
-        session.select(torch.argsort(members))
-    return session
+def _suffix(decoded: Decoded) -> Suffix:
+    entropy = decoded.token_entropy
+    assert entropy is not None
+    return Suffix(
+        decoded.tokens,
+        decoded.token_log_p,
+        decoded.token_log_q,
+        entropy,
+        decoded.new_lengths,
+        decoded.generated_tokens,
+    )

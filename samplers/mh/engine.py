@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from tiltsample.decode_engine import decode_step
 from tiltsample.policy import (
     DecodeSession,
     open_session,
@@ -16,32 +17,20 @@ from tiltsample.policy import (
 from tiltsample.samplers.mh.acceptance import MHRatio, mh_log_ratio
 from tiltsample.samplers.mh.config import MHConfig
 from tiltsample.samplers.mh.cuts import cut_log_probs
-from tiltsample.samplers.mh.laws import token_law
+from tiltsample.samplers.mh.laws import proposal_law
 from tiltsample.samplers.mh.parts import TargetParts
 from tiltsample.samplers.mh.proposals import suffix_sum
 from tiltsample.samplers.mh.scoring import score_chains
 from tiltsample.samplers.mh.snapshot import StepSnapshot
 from tiltsample.seeds import chunk_seed
 from tiltsample.target import TiltedTarget
+from tiltsample.token_laws import inverse_cdf
 from tiltsample.types import Cost
 
 __all__ = ["ContinuousEngine"]
 
 
 _UNIFORM_BLOCK = 64
-
-
-def _inverse_cdf(log_p: Tensor, u: Tensor) -> Tensor:
-    """Index drawn from the normalised log-probs ``[R, V]`` with the uniforms ``u`` ``[R]``.
-
-    ``i`` with ``F(i - 1) <= u·F(V - 1) < F(i)`` for the running sum ``F`` of ``exp(log_p)``: an
-    exact inverse-CDF draw that never returns a zero-probability index.
-    """
-    cdf = torch.cumsum(torch.exp(log_p), dim=1)
-    total = cdf[:, -1:].contiguous()
-    idx = torch.searchsorted(cdf, u[:, None].to(cdf.dtype) * total, right=True)
-    last = torch.searchsorted(cdf, total, right=False)
-    return torch.minimum(idx, last).squeeze(1)
 
 
 class ContinuousEngine:
@@ -81,6 +70,7 @@ class ContinuousEngine:
     ) -> None:
         target = targets[0]
         self.targets, self.parts_all, self.cfg = targets, parts_all, cfg
+        self.law = proposal_law(cfg)
         self.joint = len(targets) > 1
         chains = per_target * len(targets)
         self.chains = chains
@@ -164,11 +154,10 @@ class ContinuousEngine:
             self._tick()
 
     def _tick(self) -> None:
-        cfg, eos = self.cfg, self.eos
+        eos = self.eos
         session = self.session
         rows = self.members
         n_rows = int(rows.numel())
-        law = token_law(session.logprobs(), cfg.proposal_temperature, cfg.support, cfg.top_k)
         chains = rows[~self.finished[rows]]
         r_idx = (~self.finished[rows]).nonzero().flatten()
         # a row below its cut re-feeds the current state's token there (one per tick, like a
@@ -185,25 +174,32 @@ class ContinuousEngine:
             self.rlen[cf] += 1
         s_idx = r_idx[~forcing]
         ch = chains[~forcing]
+        log_p = session.logprobs()
         if ch.numel():
-            u = self._uniforms(ch)
-            log_q = law.log_q[s_idx]
-            tok = _inverse_cdf(log_q, u)
+            # one position of the drawing rows under the engine's rules (q_tau, EOS forced at
+            # L - 1 under truncation="condition", l / g / H recorded), each chain's token by
+            # inverse CDF of its own next uniform
             t = self.pos[ch]
-            cap = self.cap[ch]
-            g = log_q.gather(1, tok[:, None]).squeeze(1)
-            if self.condition:
-                at_cap = t == cap - 1
-                tok = torch.where(at_cap, torch.full_like(tok, eos), tok)
-                g = torch.where(at_cap, torch.zeros_like(g), g)
-            ell = law.log_p[s_idx].gather(1, tok[:, None]).squeeze(1)
+            out = decode_step(
+                log_p[s_idx],
+                self.law,
+                eos_id=eos,
+                live=torch.ones(int(ch.numel()), dtype=torch.bool),
+                position=t,
+                cap=self.cap[ch],
+                force_eos=self.condition,
+                uniforms=self._uniforms(ch),
+                record_entropy=True,
+            )
+            assert out.entropy is not None
+            tok = out.tokens
             self.p_tokens[ch, t] = tok
-            self.p_ell[ch, t] = ell
-            self.p_g[ch, t] = g
-            self.p_ent[ch, t] = law.entropy[s_idx]
+            self.p_ell[ch, t] = out.log_p
+            self.p_g[ch, t] = out.log_q
+            self.p_ent[ch, t] = out.entropy
             self.pos[ch] = t + 1
             self.chain_cost[ch, 0] += 1
-            fin = (tok == eos) | (t + 1 >= cap)
+            fin = ~out.live
             go = ~fin
             feed[s_idx[go]] = tok[go]
             drop[s_idx[go]] = 0
@@ -337,7 +333,7 @@ class ContinuousEngine:
         if go.numel():
             c = chains[go]
             log_c = cut_log_probs(self.ent[c], self.length[c], cfg.cut, cfg.cut_power)
-            j = _inverse_cdf(log_c, self._uniforms(c))
+            j = inverse_cdf(log_c, self._uniforms(c))
             self.log_c_fwd[c] = log_c.gather(1, j[:, None]).squeeze(1)
             self.start[c] = j
             self.pos[c] = j

@@ -1,19 +1,25 @@
 """Per-token laws at one decoding position: the proposal ``q_tau``, the target's ``l`` and the
-entropy ``H`` on the chosen support (``specs/mcmc.md`` §2.4)."""
+entropy ``H`` on the chosen support (``specs/mcmc.md`` §2.4), as a law of the decode engine
+(:data:`tiltsample.token_laws.Law`)."""
 
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["TokenLaw", "token_law"]
+from tiltsample.samplers.mh.config import MHConfig
+from tiltsample.token_laws import Law
+
+__all__ = ["TokenLaw", "proposal_law", "token_law"]
 
 
 class TokenLaw(NamedTuple):
-    """The laws at one decoding position, all ``[R, V]`` / ``[R]`` float64."""
+    """The laws at one decoding position, all ``[R, V]`` / ``[R]`` float64 (the fields of
+    :class:`tiltsample.token_laws.TokenLaw`, with an entropy always)."""
 
     log_q: Tensor
     """``log q_tau``: the law tokens are drawn from (support-restricted, tempered)."""
@@ -56,3 +62,14 @@ def token_law(log_p: Tensor, temperature: float, support: str, top_k: int) -> To
     plogp = torch.where(finite, torch.exp(log_support) * log_support, 0.0)
     entropy = -plogp.sum(dim=-1)
     return TokenLaw(log_q, log_p, entropy)
+
+
+def proposal_law(config: MHConfig) -> Law:
+    """The decode engine's law for ``config``: :func:`token_law` at its proposal temperature,
+    support and ``top_k``."""
+    return partial(
+        token_law,
+        temperature=config.proposal_temperature,
+        support=config.support,
+        top_k=config.top_k,
+    )

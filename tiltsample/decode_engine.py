@@ -1,0 +1,358 @@
+r"""The decode engine: the one loop that extends the rows of a decode session.
+
+Contract (the *rollout level* of ``DESIGN.md``, "Beyond one machine"): a batch of requests in —
+row ``r`` of a :class:`~tiltsample.policy.DecodeSession` (prompt + prefix) with a
+:class:`DecodeRequest`: its start length and cap, the law to draw from, teacher-forced tokens,
+the EOS rule at the cap — and continuations out (:class:`Decoded`): the new tokens with their
+per-token ``log p`` (temperature 1), ``log q`` (the law actually drawn from, so ``log p - log q`` is
+an exact importance log-weight), optionally entropies, the new lengths and the generated-token
+count. :func:`score_continuations` is the other half of that contract: the per-token ``log p`` of
+*given* continuations (teacher forcing in one model call where the session can). A serving
+backend (vLLM) implements the same two calls natively for the laws it can express (tempered,
+top-k / top-p: :func:`~tiltsample.token_laws.tempered_law`); here they run on any token-level
+session, with any law given as a function of the temperature-1 log-probs.
+
+Rules, per row ``r`` and position ``t`` (``start[r] <= t < cap[r]``, response-relative):
+
+* the row is *live* until it has received EOS or reached its cap (or the ``max_new`` budget ran
+  out); a row that is not live receives EOS padding and records zeros;
+* below ``forced_until[r]`` the token is teacher-forced to ``forced[r, t - start[r]]`` (its
+  ``log p`` and ``log q`` are recorded; it does not count as generated);
+* with ``force_eos[r]`` (``truncation="condition"``) the token at ``cap[r] - 1`` is EOS, with
+  ``log q = 0`` and ``log p = log p(EOS | x_<cap)`` (a teacher-forced EOS there counts the same);
+* otherwise it is drawn from ``law(log p)``. The draw is one ``torch.multinomial`` over the rows of
+  the batch (:func:`~tiltsample.token_laws.draw_tokens`), made only at positions where some live
+  row needs one (a position where every live row is forced draws nothing), or, with per-row
+  uniforms, an inverse-CDF draw per row (:func:`~tiltsample.token_laws.inverse_cdf`);
+* with ``hard_cap``, a row reaching ``cap[r] == hard_cap`` is *fed* EOS instead of its last token
+  (the recorded token is kept): the session never asks the policy for a law past the target's cap.
+
+:func:`decode_step` applies these rules to one position of a batch of rows and is what the
+continuous-batching engines call tick by tick; :func:`decode` loops it over a session, optionally
+parking finished rows out of the batch (:class:`Parking`) so that forward calls push mostly new
+tokens. :func:`tiltsample.decoding.decode_until_complete` is the uniform-rows front end.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from tiltsample.policy import DecodeSession, append_rows, extend_and_score
+from tiltsample.token_laws import Law, draw_tokens, inverse_cdf
+
+__all__ = [
+    "DecodeRequest",
+    "Decoded",
+    "Parking",
+    "Step",
+    "decode",
+    "decode_step",
+    "score_continuations",
+]
+
+
+class Parking(NamedTuple):
+    """Finished rows leave the decoding batch: when at most ``shrink_below`` of its rows are live
+    (and it has at least ``min_rows`` rows), the finished ones are parked in a fork and come back,
+    in the original row order, when decoding ends."""
+
+    shrink_below: float = 0.5
+    min_rows: int = 8
+
+
+class DecodeRequest(NamedTuple):
+    """What to decode for every row of a session (``R`` rows; an int or bool is every row's)."""
+
+    law: Law
+    """The law drawn from, as a function of the float64 temperature-1 log-probs ``[R, V]``."""
+    eos_id: int
+    start: Tensor | int
+    """Row lengths at the start (response-relative positions)."""
+    cap: Tensor | int
+    """Per-row length caps (EOS included)."""
+    force_eos: Tensor | bool = False
+    """EOS at ``cap - 1`` (``truncation="condition"``)."""
+    forced: Tensor | None = None
+    """``[R, k]`` teacher-forced tokens: ``forced[r, i]`` at position ``start[r] + i``."""
+    forced_until: Tensor | None = None
+    """``[R]`` teacher forcing while the position is below it."""
+    hard_cap: int | None = None
+    """Feed EOS instead of the last token of a row whose cap is ``hard_cap``."""
+    max_new: int | None = None
+    """Stop after this many positions (block-wise decoding)."""
+    record_entropy: bool = False
+    """Record the law's entropy per token (the law must return one)."""
+    live: Tensor | None = None
+    """``[R]`` rows that may decode at all (default: every row below its cap)."""
+    parking: Parking | None = None
+
+
+class Decoded(NamedTuple):
+    """Continuations of the rows of a session: what :func:`decode` returns."""
+
+    tokens: Tensor
+    """``LongTensor[B, n]``: the new tokens (EOS-padded after a row ended)."""
+    token_log_p: Tensor
+    """``[B, n]`` float64: ``log p(x_t | x_<t)`` at temperature 1 (0 on padding)."""
+    token_log_q: Tensor
+    """``[B, n]`` float64: log-prob under the law that produced the token (0 on padding and
+    on a forced EOS)."""
+    new_lengths: Tensor
+    """``LongTensor[B]``: tokens each row actually received (EOS included)."""
+    generated_tokens: int
+    """Tokens emitted by the loop (sampled ones plus forced EOS), padding and teacher-forced
+    tokens excluded."""
+    token_entropy: Tensor | None = None
+    """``[B, n]`` float64: the law's entropy at every new position (0 on padding), when asked
+    for with ``record_entropy``; otherwise ``None``."""
+
+    @property
+    def log_p(self) -> Tensor:
+        """``[B]``: summed temperature-1 log-prob of the new tokens."""
+        return self.token_log_p.sum(dim=1)
+
+    @property
+    def log_q(self) -> Tensor:
+        """``[B]``: summed proposal log-prob of the new tokens."""
+        return self.token_log_q.sum(dim=1)
+
+
+class Step(NamedTuple):
+    """One position of a batch of rows (:func:`decode_step`), all ``[R]``."""
+
+    tokens: Tensor
+    """The row's token (EOS on rows that are not live)."""
+    fed: Tensor
+    """The token to feed the session (``tokens``, or EOS under the ``hard_cap`` rule)."""
+    log_p: Tensor
+    """``log p`` of the token at temperature 1 (0 on rows that are not live)."""
+    log_q: Tensor
+    """``log q`` of the token (0 on rows that are not live and on a forced EOS)."""
+    entropy: Tensor | None
+    """The law's entropy (0 on rows that are not live), with ``record_entropy``."""
+    live: Tensor
+    """Rows still live after this position (no EOS, below the cap)."""
+    generated: Tensor
+    """Rows whose token counts as generated (live and not teacher-forced)."""
+
+
+def decode_step(
+    log_p: Tensor,
+    law: Law,
+    *,
+    eos_id: int,
+    live: Tensor,
+    position: Tensor,
+    cap: Tensor,
+    force_eos: Tensor | bool = False,
+    forced: Tensor | None = None,
+    is_forced: Tensor | None = None,
+    hard_cap: int | None = None,
+    generator: torch.Generator | None = None,
+    uniforms: Tensor | None = None,
+    record_entropy: bool = False,
+) -> Step:
+    """One position of every row of a batch under the rules of the module docstring.
+
+    ``log_p`` ``[R, V]``: the session's temperature-1 log-probs; ``position`` and ``cap`` ``[R]``;
+    ``forced`` ``[R]`` the teacher-forced tokens of the rows ``is_forced``. Draws come from
+    ``generator`` (one multinomial over the rows, only if a live row needs a draw) or from the
+    per-row ``uniforms`` (inverse CDF; the caller decides which rows consume one).
+    """
+    rows = int(live.numel())
+    laws = law(log_p.to(torch.float64))
+    at_cap = torch.as_tensor(force_eos, dtype=torch.bool).expand(rows) & (position == cap - 1)
+    teacher = torch.zeros(rows, dtype=torch.bool) if is_forced is None else is_forced
+    if uniforms is not None:
+        tok = inverse_cdf(laws.log_q, uniforms)
+    elif bool((live & ~teacher & ~at_cap).any()):
+        if generator is None:
+            raise ValueError("decode_step needs a generator or uniforms to draw from")
+        tok = draw_tokens(generator, laws.log_q)
+    else:
+        tok = torch.full((rows,), eos_id, dtype=torch.long)
+    if forced is not None and bool(teacher.any()):
+        tok = torch.where(teacher, forced, tok)
+    g = laws.log_q.gather(1, tok[:, None]).squeeze(1)
+    eos = torch.full_like(tok, eos_id)
+    if bool(at_cap.any()):
+        # the forced EOS is the length convention, not a draw (log q = 0 whatever the support)
+        tok = torch.where(at_cap & ~teacher, eos, tok)
+        g = torch.where(at_cap, torch.zeros_like(g), laws.log_q.gather(1, tok[:, None]).squeeze(1))
+    ell = laws.log_p.gather(1, tok[:, None]).squeeze(1)
+    zero = torch.zeros_like(ell)
+    tokens = torch.where(live, tok, eos)
+    fed = tokens
+    if hard_cap is not None:
+        fed = torch.where(live & (position + 1 == cap) & (cap == hard_cap), eos, fed)
+    ent = None
+    if record_entropy:
+        if laws.entropy is None:
+            raise ValueError("record_entropy needs a law that returns an entropy")
+        ent = torch.where(live, laws.entropy, zero)
+    return Step(
+        tokens,
+        fed,
+        torch.where(live, ell, zero),
+        torch.where(live, g, zero),
+        ent,
+        live & (tok != eos_id) & (position + 1 < cap),
+        live & ~teacher,
+    )
+
+
+def decode(
+    session: DecodeSession, generator: torch.Generator, request: DecodeRequest
+) -> tuple[Decoded, DecodeSession]:
+    """Extend every row of ``session`` as ``request`` says; return the continuations and the
+    session holding the extended rows (``session`` itself unless rows were parked: then the
+    rows are re-assembled, in the original order, into the returned session)."""
+    rows = session.batch_size
+    if rows == 0:
+        return _empty(0, request.record_entropy), session
+    start = _per_row(request.start, rows)
+    cap = _per_row(request.cap, rows)
+    force = torch.as_tensor(request.force_eos, dtype=torch.bool).expand(rows)
+    live = cap > start
+    if request.live is not None:
+        live = live & request.live
+    steps = max(int((cap - start).max()), 0)
+    if request.max_new is not None:
+        steps = min(steps, request.max_new)
+    forced, until = request.forced, request.forced_until
+    cols: list[tuple[Tensor, Tensor, Tensor, Tensor | None]] = []
+    new_len = torch.zeros(rows, dtype=torch.long)
+    generated = 0
+    members: Tensor | None = None  # original indices of the decoding batch's rows (None: all)
+    parked: list[tuple[DecodeSession, Tensor]] = []
+    park = request.parking
+    for step in range(steps):
+        mine = live if members is None else live[members]
+        if not bool(mine.any()):
+            break
+        if park is not None:
+            idx = torch.arange(rows) if members is None else members
+            if int(idx.numel()) >= park.min_rows:
+                kept = _park(session, live, idx, parked, park.shrink_below)
+                if kept is not idx:
+                    members, mine = kept, live[kept]
+        idx_or_all = slice(None) if members is None else members
+        t = start[idx_or_all] + step
+        is_forced = forced_tok = None
+        if forced is not None and until is not None:
+            is_forced = t < until[idx_or_all]
+            forced_tok = forced[idx_or_all, min(step, forced.shape[1] - 1)]
+        out = decode_step(
+            session.logprobs(),
+            request.law,
+            eos_id=request.eos_id,
+            live=mine,
+            position=t,
+            cap=cap[idx_or_all],
+            force_eos=force[idx_or_all],
+            forced=forced_tok,
+            is_forced=is_forced,
+            hard_cap=request.hard_cap,
+            generator=generator,
+            record_entropy=request.record_entropy,
+        )
+        session.extend(out.fed)
+        cols.append(_scatter(out, members, rows, request.eos_id))
+        new_len[idx_or_all] += mine.long()
+        generated += int(out.generated.sum())
+        live[idx_or_all] = out.live
+    if members is not None:
+        session = _unpark(session, members, parked)
+    if not cols:
+        return _empty(rows, request.record_entropy), session
+    entropies = [c[3] for c in cols if c[3] is not None]
+    decoded = Decoded(
+        torch.stack([c[0] for c in cols], 1),
+        torch.stack([c[1] for c in cols], 1),
+        torch.stack([c[2] for c in cols], 1),
+        new_len,
+        generated,
+        torch.stack(entropies, 1) if request.record_entropy else None,
+    )
+    return decoded, session
+
+
+def score_continuations(session: DecodeSession, tokens: Tensor, lengths: Tensor) -> Tensor:
+    """Teacher forcing: append the continuations ``tokens`` ``[R, k]`` (row ``r`` has
+    ``lengths[r]`` real tokens, then padding) to the rows of ``session`` and return their
+    temperature-1 log-probs ``[R, k]`` float64 (0 on padding). One model call when the session
+    has ``extend_and_score``, else one per position."""
+    lp = extend_and_score(session, tokens).to(torch.float64)
+    real = torch.arange(tokens.shape[1])[None, :] < lengths[:, None]
+    return torch.where(real, lp, torch.zeros_like(lp))
+
+
+def _per_row(value: Tensor | int, rows: int) -> Tensor:
+    if isinstance(value, Tensor):
+        return value.to(torch.long).expand(rows)
+    return torch.full((rows,), int(value), dtype=torch.long)
+
+
+def _empty(rows: int, with_entropy: bool) -> Decoded:
+    f = torch.zeros((rows, 0), dtype=torch.float64)
+    return Decoded(
+        torch.zeros((rows, 0), dtype=torch.long),
+        f,
+        f,
+        torch.zeros(rows, dtype=torch.long),
+        0,
+        f if with_entropy else None,
+    )
+
+
+def _scatter(
+    out: Step, members: Tensor | None, rows: int, eos_id: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """The step's columns over all ``rows`` (parked rows: EOS and zeros)."""
+    if members is None:
+        return out.tokens, out.log_p, out.log_q, out.entropy
+    tok = torch.full((rows,), eos_id, dtype=torch.long)
+    tok[members] = out.tokens
+    f = torch.zeros((3, rows), dtype=torch.float64)
+    f[0, members] = out.log_p
+    f[1, members] = out.log_q
+    if out.entropy is not None:
+        f[2, members] = out.entropy
+    return tok, f[0], f[1], None if out.entropy is None else f[2]
+
+
+def _park(
+    session: DecodeSession,
+    live: Tensor,
+    members: Tensor,
+    parked: list[tuple[DecodeSession, Tensor]],
+    shrink_below: float,
+) -> Tensor:
+    """Park the finished rows of ``session`` in a fork (appended to ``parked`` with their
+    original indices) when at most ``shrink_below`` of its rows are live; return the original
+    indices of the rows left in ``session``."""
+    mine = live[members]
+    n = int(members.numel())
+    if int(mine.sum()) > shrink_below * n:
+        return members
+    gone = (~mine).nonzero().flatten()
+    piece = session.fork()
+    piece.select(gone)
+    parked.append((piece, members[gone]))
+    session.select(mine.nonzero().flatten())
+    return members[mine]
+
+
+def _unpark(
+    session: DecodeSession, members: Tensor, parked: list[tuple[DecodeSession, Tensor]]
+) -> DecodeSession:
+    """``session`` with the parked rows back, in the original row order."""
+    for piece, idx in parked:
+        session = append_rows(session, piece)
+        members = torch.cat([members, idx])
+    if parked:
+        session.select(torch.argsort(members))
+    return session
