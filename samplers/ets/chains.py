@@ -1,5 +1,6 @@
-"""The chains of continuous batching: each chain's own stream of uniforms, draws by inversion of the
-CDF, the bookkeeping of one chain in flight, and the kinds of session rows."""
+"""The chains of continuous batching: each chain's own stream of uniforms (its draws are the
+engine's inverse CDF, :func:`tiltsample.token_laws.inverse_cdf`, re-exported here), the
+bookkeeping of one chain in flight, and the kinds of session rows."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch import Tensor
 
 from tiltsample.policy import DecodeSession
 from tiltsample.results import Selection
+from tiltsample.token_laws import inverse_cdf  # re-exported: the engine's inverse-CDF draw
 from tiltsample.types import Seq
 
 __all__ = ["CAND", "DEAD", "DIRTY", "HOLD", "ROLL", "Chain", "ChainStream", "inverse_cdf"]
@@ -42,25 +44,6 @@ class ChainStream:
         out = self._buf[self._pos : self._pos + n]
         self._pos += n
         return out
-
-
-def inverse_cdf(log_probs: Tensor, u: Tensor) -> Tensor:
-    r"""``[R]`` draws from the rows of ``log_probs`` ``[R, V]`` by inversion with uniforms ``u``.
-
-    Row ``r`` returns the index ``i`` with ``F_{i-1} <= u_r F_V < F_i`` (``F`` the cumulative
-    probabilities), which has positive probability; a rounding overflow falls back to the last
-    index of positive probability.
-    """
-    probs = torch.softmax(log_probs.to(torch.float64), dim=-1)
-    cdf = probs.cumsum(dim=-1)
-    point = (u.to(torch.float64) * cdf[:, -1])[:, None]
-    idx = torch.searchsorted(cdf, point, right=True).squeeze(1)
-    vocab = probs.shape[1]
-    over = idx >= vocab
-    if bool(over.any()):
-        last = vocab - 1 - torch.flip(probs > 0, dims=[1]).long().argmax(dim=1)
-        idx = torch.where(over, last, idx)
-    return idx
 
 
 class Chain:

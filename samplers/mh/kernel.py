@@ -28,6 +28,7 @@ from tiltsample.samplers.mh.state import (
     rows_force_eos,
 )
 from tiltsample.target import TiltedTarget
+from tiltsample.token_laws import draw_tokens
 from tiltsample.types import Cost
 
 __all__ = ["build_kernel"]
@@ -66,10 +67,7 @@ def _propose(state: MHState, generator: torch.Generator, final: bool) -> _Move:
     config = state.config
     rows = state.active.nonzero().flatten()
     log_c = cut_log_probs(state.entropy[rows], state.length[rows], config.cut, config.cut_power)
-    if rows.numel():
-        cuts = torch.multinomial(torch.exp(log_c), 1, generator=generator).squeeze(1)
-    else:
-        cuts = torch.zeros(0, dtype=torch.long)
+    cuts = draw_tokens(generator, log_c) if rows.numel() else torch.zeros(0, dtype=torch.long)
     log_c_fwd = log_c.gather(1, cuts[:, None]).squeeze(1) if rows.numel() else torch.zeros(0)
     reference = config.length_mode == "reference"
     caps = state.length[rows] if reference else state.chain_cap[rows]

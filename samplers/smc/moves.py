@@ -16,10 +16,11 @@ from tiltsample.decoding import entropy, rows_to_seqs
 from tiltsample.policy import DecodeSession
 from tiltsample.samplers.mh import cut_log_probs
 from tiltsample.samplers.smc.config import SMCConfig
-from tiltsample.samplers.smc.numerics import draw_tokens, tempered
+from tiltsample.samplers.smc.numerics import tempered
 from tiltsample.samplers.smc.proposals import prefix_potential
 from tiltsample.samplers.smc.state import ParticleRows
 from tiltsample.target import TiltedTarget
+from tiltsample.token_laws import draw_tokens
 from tiltsample.types import Cost
 
 __all__ = ["gather_move_log_q", "move", "move_log_q", "move_particles"]
@@ -121,7 +122,7 @@ def move(
         log_c = cut_log_probs(
             rows.tok_entropy[idx], lengths, config.move_cut, config.move_cut_power
         )
-        cuts = torch.multinomial(torch.exp(log_c), 1, generator=generator).squeeze(1)
+        cuts = draw_tokens(generator, log_c)
     cost = Cost()
     proposals: list[_Proposal] = []
     for j in sorted(set(cuts.tolist())):

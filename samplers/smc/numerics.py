@@ -1,6 +1,6 @@
 """Log-space arithmetic shared by the SMC engine: weight updates that keep zero weights at
-``-inf`` (never NaN), normalisation, tempering, token draws with the caller's generator, and the
-small bookkeeping helpers of a step."""
+``-inf`` (never NaN), normalisation, tempering, and the small bookkeeping helpers of a step
+(token draws are the decode engine's: :func:`tiltsample.token_laws.draw_tokens`)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from tiltsample.types import Cost, Seq
 __all__ = [
     "add_log",
     "cost_delta",
-    "draw_tokens",
     "log_mean",
     "log_normalise",
     "row_seqs",
@@ -65,11 +64,6 @@ def tempered(log_p: Tensor, temperature: float) -> Tensor:
     """``log softmax(log_p / tau)`` with ``-inf`` kept (same law as
     :func:`tiltsample.decoding.tempered_logprobs`)."""
     return log_p if temperature == 1.0 else log_normalise(log_p / temperature)
-
-
-def draw_tokens(generator: torch.Generator, log_q: Tensor) -> Tensor:
-    """One token per row of normalised ``log_q`` ``[B, V]`` with the caller's generator."""
-    return torch.multinomial(torch.exp(log_q), 1, generator=generator).squeeze(1)
 
 
 def safe_log_softmax(logits: Tensor, fallback: Tensor) -> Tensor:

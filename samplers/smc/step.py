@@ -11,13 +11,13 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from tiltsample.decode_engine import Step, decode_step
 from tiltsample.decoding import entropy
 from tiltsample.samplers.smc.config import SMCConfig
 from tiltsample.samplers.smc.moves import gather_move_log_q, move_particles
 from tiltsample.samplers.smc.numerics import (
     add_log,
     cost_delta,
-    draw_tokens,
     log_normalise,
     row_seqs,
     safe_log_softmax,
@@ -26,6 +26,7 @@ from tiltsample.samplers.smc.numerics import (
 from tiltsample.samplers.smc.proposals import adapt, twist_values
 from tiltsample.samplers.smc.resampling import batched_resample, conditional_resample, ess_rows
 from tiltsample.samplers.smc.state import ParticleRows, SMCInfo, SMCState, with_rows
+from tiltsample.token_laws import TokenLaw, draw_tokens
 from tiltsample.types import Cost
 
 __all__ = ["Resampling", "block_step", "kernel_from_config", "resample_runs"]
@@ -49,7 +50,7 @@ def _reference_rows(state: SMCState) -> Tensor:
     return torch.arange(state.num_groups) * state.num_particles
 
 
-def _draw_next(
+def _law_next(
     config: SMCConfig,
     state: SMCState,
     rows: ParticleRows,
@@ -57,34 +58,65 @@ def _draw_next(
     logp_all: Tensor,
     forced: bool,
     generator: torch.Generator,
-) -> tuple[Tensor, Tensor]:
-    """The next token of every row and the proposal's log-law ``[M, V]`` it came from; reference
-    rows of a conditional SMC take their path's token, finished rows EOS padding."""
+) -> Tensor:
+    """The proposal's log-law ``[M, V]`` of the next token (the optimal proposal adapts the rows
+    first; at the cap under ``truncation="condition"`` its law is a point mass on EOS)."""
     target, session = state.target, state.session
-    m, eos = rows.log_w.numel(), target.eos_id
-    position = session.length
-    if config.proposal == "optimal":
-        if rows.pending is None:
-            rows, c = adapt(config, target, session, rows, logp_all, position, generator)
-            block.cost = block.cost + c
-        assert rows.pending is not None and rows.pending_reward is not None
-        fallback = logp_all  # rows whose children all have weight 0 (dead particles)
-        if forced:
-            fallback = torch.full_like(logp_all, -math.inf)
-            fallback[:, eos] = 0.0
-        log_q_all = safe_log_softmax(logp_all + rows.pending, fallback)
-        tok = draw_tokens(generator, log_q_all)
-    elif forced:
-        log_q_all = torch.full_like(logp_all, -math.inf)
-        log_q_all[:, eos] = 0.0
-        tok = torch.full((m,), eos, dtype=torch.long)
-    else:
-        log_q_all = tempered(logp_all, config.temperature)
-        tok = draw_tokens(generator, log_q_all)
+    if config.proposal != "optimal":
+        return tempered(logp_all, config.temperature)
+    if rows.pending is None:
+        rows, c = adapt(config, target, session, rows, logp_all, session.length, generator)
+        block.cost = block.cost + c
+    assert rows.pending is not None and rows.pending_reward is not None
+    fallback = logp_all  # rows whose children all have weight 0 (dead particles)
+    if forced:
+        fallback = torch.full_like(logp_all, -math.inf)
+        fallback[:, target.eos_id] = 0.0
+    return safe_log_softmax(logp_all + rows.pending, fallback)
+
+
+def _next_tokens(
+    config: SMCConfig,
+    state: SMCState,
+    rows: ParticleRows,
+    block: _Block,
+    logp_all: Tensor,
+    forced: bool,
+    generator: torch.Generator,
+) -> Step:
+    """One position of every row by the decode engine (:func:`decode_step`): drawn from the
+    proposal, EOS at the cap under ``truncation="condition"`` (the optimal proposal's law is EOS
+    there already, and it draws), the reference rows of a conditional SMC teacher-forced to their
+    path, finished rows EOS padding."""
+    target, session = state.target, state.session
+    m, eos, cap = rows.log_w.numel(), target.eos_id, target.max_new_tokens
+    optimal = config.proposal == "optimal"
+    log_q_all = _law_next(config, state, rows, block, logp_all, forced, generator)
+    live = ~rows.finished
+    forced_tok = is_forced = None
     if state.reference is not None:
-        tok[_reference_rows(state)] = state.reference[:, position]
-    tok = torch.where(~rows.finished, tok, torch.full_like(tok, eos))
-    return tok, log_q_all
+        ref = _reference_rows(state)
+        is_forced = torch.zeros(m, dtype=torch.bool)
+        is_forced[ref] = True
+        forced_tok = torch.full((m,), eos, dtype=torch.long)
+        forced_tok[ref] = state.reference[:, session.length]
+        if (optimal or not forced) and not bool((live & ~is_forced).any()):
+            # only reference rows are live: the engine draws nothing, but SMC always drew one
+            # token per row here; keep that draw so that the generator's stream is unchanged
+            draw_tokens(generator, log_q_all)
+    return decode_step(
+        logp_all,
+        lambda lp: TokenLaw(log_q_all, lp, entropy(lp)),
+        eos_id=eos,
+        live=live,
+        position=torch.full((m,), session.length, dtype=torch.long),
+        cap=torch.full((m,), cap, dtype=torch.long),
+        force_eos=target.truncation == "condition" and not optimal,
+        forced=forced_tok,
+        is_forced=is_forced,
+        generator=generator,
+        record_entropy=True,
+    )
 
 
 def _extend(
@@ -97,32 +129,29 @@ def _extend(
     """Extend every unfinished particle by one token and book its laws (``rows`` and ``block``
     updated in place)."""
     target, session = state.target, state.session
-    m, eos, cap = rows.log_w.numel(), target.eos_id, target.max_new_tokens
+    m, cap = rows.log_w.numel(), target.max_new_tokens
     optimal = config.proposal == "optimal"
     live = ~rows.finished
-    position = session.length
     logp_all = session.logprobs().to(torch.float64)
-    forced = target.truncation == "condition" and position == cap - 1
-    tok, log_q_all = _draw_next(config, state, rows, block, logp_all, forced, generator)
-    lp = logp_all.gather(1, tok[:, None]).squeeze(1)
+    forced = target.truncation == "condition" and session.length == cap - 1
+    out = _next_tokens(config, state, rows, block, logp_all, forced, generator)
+    tok, lp = out.tokens, out.log_p
     if not optimal:
-        lq = log_q_all.gather(1, tok[:, None]).squeeze(1)
-        step_inc = torch.where(torch.isneginf(lp), lp, lp - lq)
+        step_inc = torch.where(torch.isneginf(lp), lp, lp - out.log_q)
         block.inc = block.inc + torch.where(live, step_inc, torch.zeros_like(step_inc))
     if forced:
         lq_move = torch.zeros(m, dtype=torch.float64)
     else:
-        lq_move = gather_move_log_q(logp_all, tok, config.move_tau, eos)
+        lq_move = gather_move_log_q(logp_all, tok, config.move_tau, target.eos_id)
     zero = torch.zeros(m, dtype=torch.float64)
-    session.extend(tok)
-    rows.log_p = rows.log_p + torch.where(live, lp, zero)
-    block.tok_lp.append(torch.where(live, lp, zero)[:, None])
+    session.extend(out.fed)
+    rows.log_p = rows.log_p + lp
+    block.tok_lp.append(lp[:, None])
     block.tok_lq.append(torch.where(live, lq_move, zero)[:, None])
-    block.tok_h.append(torch.where(live, entropy(logp_all), zero)[:, None])
-    block.generated += int(live.sum())
-    if state.reference is not None:  # the reference's tokens are given, not generated
-        block.generated -= int(live[_reference_rows(state)].sum())
-    just = live & ((tok == eos) | (position + 1 == cap))
+    assert out.entropy is not None
+    block.tok_h.append(out.entropy[:, None])
+    block.generated += int(out.generated.sum())
+    just = live & ~out.live
     if optimal:
         assert rows.pending is not None and rows.pending_reward is not None
         new_psi = rows.pending.gather(1, tok[:, None]).squeeze(1)
