@@ -10,7 +10,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 LOCK   := requirements.lock
 
-.PHONY: setup demo bench test test-fast test-latest lock lint typecheck clean
+.PHONY: setup demo bench test test-fast test-latest lock lint typecheck clean docs docs-serve
 
 setup: $(STAMP)
 
@@ -71,6 +71,14 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(PY) -m pytest -q tests/test_static.py
+
+# The documentation site (mkdocs.yml): --strict fails on a broken link or a missing API reference;
+# tests/test_docs_site.py runs the same build in CI. docs-serve: http://127.0.0.1:8000
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict
+
+docs-serve: $(STAMP)
+	$(VENV)/bin/mkdocs serve --dev-addr 127.0.0.1:8000
 
 clean:
 	rm -rf $(VENV) $(LATEST) $(TOOLS) results .pytest_cache .mypy_cache .ruff_cache

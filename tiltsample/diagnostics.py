@@ -26,25 +26,33 @@ def ess(log_weights: Tensor) -> float:
 
 
 def pareto_khat(log_weights: Tensor) -> float:
-    """PSIS ``k̂``: generalised-Pareto shape fitted to the largest ``min(N/5, 3 sqrt(N))`` weights.
+    """PSIS ``k̂``: generalised-Pareto shape fitted to the largest weights (Vehtari et al. 2024).
 
-    Returns NaN when fewer than 5 tail weights are available (the fit is meaningless there).
+    The tail is the weights strictly above the ``M + 1``-th largest, ``M = ceil(min(N/5,
+    3 sqrt(N)))`` (ties at the cutoff stay in the body), fitted by Zhang–Stephens with the weakly
+    informative prior on ``k`` (``pyro.ops.stats.fit_generalized_pareto``). This is the selection
+    of ArviZ's ``psislw`` (with ``reff = 1``): ``tests/test_arviz.py`` checks that both give the
+    same ``k̂`` to 1e-6. ``-inf`` log-weights (failed draws) are dropped first. Returns NaN when
+    fewer than 5 weights are in the tail (ArviZ returns ``inf`` there) or the fit degenerates.
     """
     from pyro.ops.stats import fit_generalized_pareto
 
     lw = torch.as_tensor(log_weights, dtype=torch.float64)
     lw = lw[torch.isfinite(lw)]
     n = lw.numel()
-    tail = int(min(n / 5.0, 3.0 * math.sqrt(n)))
+    tail = math.ceil(min(n / 5.0, 3.0 * math.sqrt(n)))
     if tail < 5:
         return float("nan")
     lw = lw - lw.max()
     sorted_lw, _ = torch.sort(lw)
-    cutoff = sorted_lw[-tail - 1]
-    excess = torch.exp(sorted_lw[-tail:]) - torch.exp(cutoff)
-    if float(excess.max()) <= 0.0:
-        return float("-inf")  # all tail weights equal: no tail at all
-    k, _sigma = fit_generalized_pareto(excess)
+    cutoff = max(float(sorted_lw[-tail - 1]), math.log(torch.finfo(torch.float64).tiny))
+    top = sorted_lw[sorted_lw > cutoff]
+    if top.numel() <= 4:
+        return float("nan")
+    try:
+        k, _sigma = fit_generalized_pareto(torch.exp(top) - math.exp(cutoff))
+    except ZeroDivisionError:  # a degenerate tail (the posterior mean of b is exactly 0)
+        return float("nan")
     return float(k)
 
 

@@ -147,6 +147,15 @@ class SampleSet:
         v = torch.as_tensor(values, dtype=torch.float64)
         return float(torch.sum(self.normalized_weights() * v))
 
+    def to_inference_data(self) -> Any:
+        """The draws as ``arviz.InferenceData``: one chain, log-weights, ESS, evidence.
+
+        See :func:`tiltsample.arviz_interop.samples_to_inference_data` (needs the ``arviz`` extra).
+        """
+        from tiltsample.arviz_interop import samples_to_inference_data
+
+        return samples_to_inference_data(self)
+
     def to_records(self) -> list[dict[str, Any]]:
         """One JSON-serialisable dict per draw."""
         records = []
@@ -220,3 +229,12 @@ class ChainTrace:
         from tiltsample.diagnostics import chain_diagnostics
 
         return chain_diagnostics({k: v[:, burn_in:] for k, v in self.stats.items()})
+
+    def to_inference_data(self, burn_in: int = 0) -> Any:
+        """The chains as ``arviz.InferenceData`` (``chain × draw``; per-step info as sample stats).
+
+        See :func:`tiltsample.arviz_interop.chains_to_inference_data` (needs the ``arviz`` extra).
+        """
+        from tiltsample.arviz_interop import chains_to_inference_data
+
+        return chains_to_inference_data(self, burn_in)

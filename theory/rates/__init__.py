@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tiltsample.theory.rates.core import (
     CellCache,
@@ -17,6 +18,7 @@ from tiltsample.theory.rates.core import (
     SlopeFit,
     bound_violations,
     fit_loglog_slope,
+    prefetch_cells,
 )
 from tiltsample.theory.rates.experiments import (
     best_of_n_limit,
@@ -71,6 +73,7 @@ def run_verify(
     only: list[str] | None = None,
     progress: bool | None = None,
     docs: str | Path | None = None,
+    backend: Any = None,
 ) -> list[ExperimentResult]:
     """Run the experiments, write figures, ``cells.jsonl`` and ``report.md``; return the results.
 
@@ -78,6 +81,11 @@ def run_verify(
     (:func:`~tiltsample.theory.rates.docs.write_docs`): the figures in
     ``<docs>/figures/verify/``, ``<docs>/verify_report.md`` and the generated section of
     ``<docs>/theory.md``.
+
+    With ``backend`` (a :class:`~tiltsample.executor.Backend` on Ray), the cells run there first
+    (:func:`~tiltsample.theory.rates.core.prefetch_cells`), each cached as it arrives; the
+    experiments then read them from the cache. The cells, and so the report, are those of a
+    serial run.
     """
     import sys
     import time
@@ -98,6 +106,8 @@ def run_verify(
     cached = len(cache)
     show = sys.stderr.isatty() if progress is None else progress
     start = time.perf_counter()
+    if backend is not None and backend.ray:
+        prefetch_cells([EXPERIMENTS[k] for k in keys], profile, cache, backend, show)
     results = []
     bar = tqdm(keys, desc="verify", disable=not show)
     for key in bar:

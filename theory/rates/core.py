@@ -45,6 +45,13 @@ class CellCache:
         if key in self._values:
             return self._values[key]
         value = run()
+        self.put(key, value)
+        return value
+
+    def put(self, key: str, value: Any) -> None:
+        """Record a finished cell (appended and flushed; a cell already cached is left alone)."""
+        if key in self._values:
+            return
         self._values[key] = value
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -52,7 +59,94 @@ class CellCache:
                 f.write(json.dumps({"cell": key, "value": value}) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
-        return value
+
+
+class Pending(float):
+    """What a planning pass returns for a missing cell: NaN that also answers ``value[key]``."""
+
+    def __new__(cls) -> Pending:
+        return super().__new__(cls, math.nan)
+
+    def __getitem__(self, key: Any) -> Pending:
+        return Pending()
+
+    def get(self, key: Any, default: Any = None) -> Pending:
+        return Pending()
+
+    def keys(self) -> list[str]:
+        return []
+
+
+class PlanningCache(CellCache):
+    """A view of a :class:`CellCache` that records the cells an experiment asks for and does not
+    run them (they return :class:`Pending`): the planning pass of a distributed run."""
+
+    def __init__(self, cache: CellCache) -> None:
+        self.path = None
+        self._values = cache._values
+        self.missing: dict[str, Callable[[], Any]] = {}
+
+    def get_or_run(self, key: str, run: Callable[[], Any]) -> Any:
+        if key in self._values:
+            return self._values[key]
+        self.missing.setdefault(key, run)
+        return Pending()
+
+
+def prefetch_cells(
+    experiments: Sequence[Callable[[str, CellCache, Path], Any]],
+    profile: str,
+    cache: CellCache,
+    backend: Any,
+    progress: bool = False,
+) -> list[str]:
+    """Run the cells the experiments will ask for on ``backend`` (a
+    :class:`~tiltsample.executor.Backend`), caching each as it arrives; return the failed ones.
+
+    Rounds of a planning pass (each experiment run on a :class:`PlanningCache`, its figures
+    thrown away, its errors ignored: it sees NaN for the missing cells) and a parallel run of the
+    cells it asked for, until no new cell is asked for. Cells are pure, so the values are those
+    of a serial run; the experiments then run for real on the full cache. A cell that raised is
+    not cached (the real pass runs it again and reports its error as a serial run would).
+    """
+    import contextlib
+    import tempfile
+    import warnings
+
+    from tqdm.auto import tqdm
+
+    from tiltsample.executor import call_thunk, run_cells
+
+    failed: dict[str, str] = {}
+    while True:
+        planner = PlanningCache(cache)
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for experiment in experiments:
+                # the NaN of a missing cell may go where a number is needed: planning stops there
+                with contextlib.suppress(Exception):
+                    experiment(profile, planner, Path(tmp))
+                _close_figures()
+        todo = [(k, run) for k, run in planner.missing.items() if k not in failed]
+        if not todo:
+            return [f"{key}: {error}" for key, error in failed.items()]
+        items = [run for _, run in todo]
+        bar = tqdm(total=len(items), desc="verify cells", disable=not progress)
+        for outcome in run_cells(call_thunk, items, backend=backend):
+            key = todo[outcome.index][0]
+            bar.update()
+            if outcome.ok:
+                cache.put(key, outcome.value)
+            else:
+                failed[key] = str(outcome.error)
+        bar.close()
+
+
+def _close_figures() -> None:
+    import sys
+
+    if "matplotlib.pyplot" in sys.modules:
+        sys.modules["matplotlib.pyplot"].close("all")
 
 
 def cell_key(experiment: str, **params: Any) -> str:

@@ -31,6 +31,8 @@ from tiltsample.app.params import (
     out_folder,
     pairs,
     positive_float,
+    ray_address,
+    ray_backend,
     report,
     unknown,
 )
@@ -144,8 +146,14 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         for key in args.only:
             if key not in EXPERIMENTS:
                 raise unknown("--only", "experiment", key, list(EXPERIMENTS))
+    backend = ray_backend(args.ray, args.ray_workers)
     results = run_verify(
-        args.profile, args.out, only=args.only, progress=not args.no_progress, docs=args.docs
+        args.profile,
+        args.out,
+        only=args.only,
+        progress=not args.no_progress,
+        docs=args.docs,
+        backend=backend,
     )
     rows = [{"": r.key, "measured": r.measured, "rate": r.rate, "holds": r.holds} for r in results]
     print(format_table(rows, ["", "measured", "rate", "holds"]))
@@ -189,6 +197,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from tiltsample.app.compare import run_compare
 
     out_folder("--out", args.out)
+    backend = ray_backend(args.ray, args.ray_workers)
     result = run_compare(
         profile=args.profile,
         out_dir=args.out,
@@ -203,12 +212,37 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         threads=args.threads,
         device=args.device,
         dtype=args.dtype,
+        backend=backend,
     )
     print(result.table)
     for label, why in result.skipped.items():
         print(f"  {label}: not run ({why})")
+    for r in result.records:
+        if "error" in r:
+            print(f"  {r['sampler']} k={r['budget']} problem {r['problem']}: failed ({r['error']})")
     print(f"wrote {result.out_dir}/compare.jsonl, compare.md, compare.png")
     return 0
+
+
+def _ray_flags(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        type=ray_address,
+        metavar="ADDRESS",
+        help=f"run the {what} on Ray: alone, a local cluster on this machine; with ADDRESS "
+        "(auto, HOST:PORT, ray://HOST:PORT), the cluster 'ray start --head' started. Same seed, "
+        "same records as without --ray (needs pip install 'tiltsample[ray]')",
+    )
+    p.add_argument(
+        "--ray-workers",
+        type=int_type(1),
+        default=None,
+        metavar="N",
+        help="with --ray: number of workers (default: the cluster's CPUs)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -291,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also regenerate the docs from this run: DOCS/theory.md (between its markers), "
         "DOCS/verify_report.md and DOCS/figures/verify/ (e.g. --profile full --docs docs)",
     )
+    _ray_flags(p_verify, "cells of the experiments")
     p_verify.set_defaults(func=_cmd_verify)
 
     p_demo = command("demo", help="exact target vs samplers on a toy: table of TV and cost, figure")
@@ -372,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="model dtype: float32 (default), bfloat16/bf16, float16/fp16, float64",
     )
     p_cmp.add_argument("--no-progress", action="store_true")
+    _ray_flags(p_cmp, "cells (one worker per model replica)")
     p_cmp.set_defaults(func=_cmd_compare)
     return parser
 

@@ -54,183 +54,41 @@ from typing import Any
 import torch
 
 from tiltsample import validation
+from tiltsample.app.recipes import (
+    ALL_RECIPES,
+    DLM_RECIPES,
+    DLM_STEPS,
+    POWER_ALPHA,
+    PROFILES,
+    RECIPES,
+    RESPONSE_TOKENS,
+    Profile,
+    Recipe,
+    available_recipes,
+)
+from tiltsample.executor import SERIAL, Backend
 from tiltsample.types import Cost, Seq
 
-RESPONSE_TOKENS = 34
-"""Typical response length of the default task (tokens), used to turn budgets into parameters."""
-POWER_ALPHA = 4.0
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """How one sampler enters the comparison.
-
-    ``configure(k)`` returns ``(num_samples, params)`` for budget ``k`` or None when the budget
-    does not apply (e.g. ancestral beyond ``k = 1``); ``target`` is ``"verifier"``, ``"power"`` or
-    ``"self-consistency"``.
-    """
-
-    label: str
-    name: str
-    configure: Callable[[int], tuple[int, dict[str, Any]] | None]
-    target: str = "verifier"
-    summary: str = ""
-
-
-def _only_one(params: dict[str, Any]) -> Callable[[int], tuple[int, dict[str, Any]] | None]:
-    return lambda k: (1, dict(params)) if k == 1 else None
-
-
-def _ets(k: int) -> tuple[int, dict[str, Any]] | None:
-    # measured on the task with K = 1, I = 4: one candidate costs about two responses of tokens
-    if k < 4:
-        return None
-    return 1, {"num_candidates": k // 2, "num_rollouts": 1}
-
-
-def _mh_steps(k: int) -> tuple[int, dict[str, Any]] | None:
-    if k < 2:
-        return None
-    return 1, {"num_steps": 2 * (k - 1)}
-
-
-RECIPES: tuple[Recipe, ...] = (
-    Recipe("ancestral", "ancestral", _only_one({}), summary="one draw, temperature 1"),
-    Recipe(
-        "low-temperature",
-        "ancestral",
-        _only_one({"temperature": 1.0 / POWER_ALPHA}),
-        summary="one draw, temperature 0.25",
-    ),
-    Recipe(
-        "majority",
-        "best-of-n",
-        lambda k: (1, {"num_candidates": k, "selection": "argmax"}),
-        target="self-consistency",
-        summary="majority vote over k draws",
-    ),
-    Recipe(
-        "best-of-n",
-        "best-of-n",
-        lambda k: (1, {"num_candidates": k, "selection": "argmax"}),
-        summary="verifier argmax over k draws",
-    ),
-    Recipe("beam", "beam", lambda k: (1, {"num_beams": k}), summary="k beams"),
-    Recipe("ets", "ets", _ets, summary="M=k/2 candidates, K=1, I=4"),
-    Recipe(
-        "smc",
-        "smc",
-        lambda k: (k, {"num_particles": k}) if k >= 2 else None,
-        summary="k particles",
-    ),
-    Recipe(
-        "power-smc",
-        "power-smc",
-        lambda k: (k, {"num_particles": k}) if k >= 2 else None,
-        target="power",
-        summary="p^4, k particles",
-    ),
-    Recipe("power", "power", _mh_steps, target="power", summary="p^4, 2(k-1) MH steps"),
-    Recipe("entropy-cut", "entropy-cut", _mh_steps, target="power", summary="p^4, 2(k-1) MH steps"),
-    Recipe("qalign", "qalign", _mh_steps, summary="verifier target, 2(k-1) MH steps"),
-)
-
-
-DLM_STEPS = 48
-"""Denoising steps of the shipped ``arith-dlm`` sampler (one committed token per step)."""
-
-
-def _dlm_ets(k: int) -> tuple[int, dict[str, Any]] | None:
-    # K = 1, I = 4 blocks of 12 steps: a candidate costs its 48 tokens plus rollouts of 36, 24, 12
-    # (2.5 responses), so M = round(2k / 5) candidates match k responses of tokens
-    if k < 4:
-        return None
-    return 1, {"num_candidates": max(2, round(2 * k / 5)), "num_rollouts": 1}
-
-
-def _dlm_fk(k: int) -> tuple[int, dict[str, Any]] | None:
-    # one-shot fills every 12 steps: a particle costs 48 + 36 + 24 + 12 tokens (2.5 responses)
-    n = max(2, round(2 * k / 5))
-    return (n, {"num_particles": n, "resample_every": 12, "num_samples_phi": 1}) if k > 3 else None
-
-
-DLM_RECIPES: tuple[Recipe, ...] = (
-    Recipe(
-        "dlm-base",
-        "ets",
-        lambda k: (1, {"num_candidates": 1, "block_size": DLM_STEPS}) if k == 1 else None,
-        target="dlm-verifier",
-        summary="arith-dlm base sampler (ETS with M = 1, I = 1 is the base sampler itself)",
-    ),
-    Recipe(
-        "dlm-best-of-n",
-        "ets",
-        lambda k: (1, {"num_candidates": k, "block_size": DLM_STEPS}) if k >= 2 else None,
-        target="dlm-verifier",
-        summary="arith-dlm, soft best-of-N (ETS with I = 1: SIR over k complete responses)",
-    ),
-    Recipe(
-        "dlm-ets",
-        "ets",
-        _dlm_ets,
-        target="dlm-verifier",
-        summary="arith-dlm, ETS for masked diffusion: M=round(2k/5), K=1, I=4",
-    ),
-    Recipe(
-        "dlm-fk-steering",
-        "fk-steering",
-        _dlm_fk,
-        target="dlm-verifier",
-        summary="arith-dlm, FK steering: N=round(2k/5) particles, one-shot fills every 12 steps",
-    ),
-)
-"""Optional recipes on the shipped masked-diffusion model ``arith-dlm`` (run them by label, e.g.
-``--samplers dlm-base,dlm-best-of-n,dlm-ets``; they are not in the default set). Budgets count
-generated tokens the same way: a response is the 48 committed positions."""
-
-ALL_RECIPES: tuple[Recipe, ...] = RECIPES + DLM_RECIPES
-
-
-@dataclass(frozen=True)
-class Profile:
-    """Sizes of a comparison run."""
-
-    num_problems: int
-    budgets: tuple[int, ...]
-    repeats: int = 1
-
-
-PROFILES: dict[str, Profile] = {
-    "test": Profile(num_problems=2, budgets=(1, 2)),
-    "demo": Profile(num_problems=20, budgets=(1, 4, 8)),
-    "full": Profile(num_problems=200, budgets=(1, 2, 4, 8, 16)),
-}
-
-
-def available_recipes(
-    only: Sequence[str] | None = None,
-) -> tuple[list[Recipe], dict[str, str]]:
-    """The recipes whose sampler is registered now, and the reasons others are left out.
-
-    Without ``only``: the default set :data:`RECIPES`; ``only`` may also name the optional
-    masked-diffusion recipes :data:`DLM_RECIPES`.
-    """
-    from tiltsample import registry
-
-    names = {e.name for e in registry.samplers()}
-    labels = [r.label for r in ALL_RECIPES]
-    if only is not None:
-        for label in only:
-            validation.one_of("sampler", label, labels)
-    chosen, skipped = [], {}
-    for r in RECIPES if only is None else ALL_RECIPES:
-        if only is not None and r.label not in only:
-            continue
-        if r.name in names:
-            chosen.append(r)
-        else:
-            skipped[r.label] = f"sampler {r.name!r} is not registered"
-    return chosen, skipped
+__all__ = [
+    "ALL_RECIPES",
+    "DLM_RECIPES",
+    "DLM_STEPS",
+    "PROFILES",
+    "RECIPES",
+    "RESPONSE_TOKENS",
+    "Cell",
+    "CompareResult",
+    "Profile",
+    "Recipe",
+    "available_recipes",
+    "markdown_table",
+    "plan",
+    "plot",
+    "run_cell",
+    "run_compare",
+    "summarise",
+    "wilson",
+]
 
 
 # ------------------------------------------------------------------------------------ cells
@@ -315,6 +173,48 @@ def run_cell(
     }
 
 
+@dataclass(frozen=True)
+class ModelSetup:
+    """Loads the models of a comparison (once per worker): ``(policy, diffusion policy or None)``.
+
+    ``threads`` (on a Ray worker): torch intra-op threads of that worker process.
+    """
+
+    model_dir: str
+    placement: tuple[str, str]
+    diffusion: bool
+    threads: int | None = None
+
+    def __call__(self) -> tuple[Any, Any]:
+        from tiltsample.targets import tasks
+
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        dev, kind = self.placement
+        policy = tasks._load_ar(self.model_dir, dev, kind)
+        dlm = tasks.load_diffusion_policy(device=dev, dtype=kind) if self.diffusion else None
+        return policy, dlm
+
+
+def cell_seed(seed: int, cell: Cell) -> int:
+    """The seed of a cell: the run seed, the problem and the repeat (common random numbers)."""
+    from tiltsample.seeds import chunk_seed
+
+    return chunk_seed(seed, cell.problem * 10_000 + cell.repeat)
+
+
+def compare_cell(models: tuple[Any, Any], job: tuple[Cell, Any, float, int]) -> dict[str, Any]:
+    """One cell on a worker's loaded models: ``job`` is ``(cell, problem, lam, seed)``."""
+    cell, problem, lam, seed = job
+    return run_cell(cell, problem, models[0], lam, seed, models[1])
+
+
+def error_record(cell: Cell, error: str | None) -> dict[str, Any]:
+    """The record of a cell that raised: its key and the error (one line)."""
+    key = {"sampler": cell.recipe.label, "budget": cell.budget, "problem": cell.problem}
+    return {**key, "repeat": cell.repeat, "error": error}
+
+
 # ------------------------------------------------------------------------------------ summary
 def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
     """Wilson score interval of a proportion."""
@@ -331,6 +231,8 @@ def summarise(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (sampler, budget): accuracy, CI, mean tokens per problem, time, tokens/s."""
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for r in records:
+        if "error" in r:  # a cell that raised: counted in the notes, not in the table
+            continue
         groups.setdefault((r["sampler"], int(r["budget"])), []).append(r)
     order = {rec.label: i for i, rec in enumerate(ALL_RECIPES)}
     rows = []
@@ -468,6 +370,7 @@ def run_compare(
     threads: int | None = 1,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    backend: Backend = SERIAL,
 ) -> CompareResult:
     """Run (or resume) a comparison and write ``compare.jsonl``, ``compare.md``, ``compare.png``.
 
@@ -498,6 +401,11 @@ def run_compare(
         ``"bf16"``), see :class:`~tiltsample.targets.hf.HFPolicy`. Samplers and their generators
         stay on the CPU. A non-default value is part of the run's header, so a run resumes only
         with the same placement.
+    backend
+        Where the cells run (:class:`~tiltsample.executor.Backend`): serially here (default) or
+        on Ray, one actor per model replica, each loading the models once. Records are the same
+        either way (each cell's seed is its own) and are written as they arrive; a cell that
+        raises is recorded with its ``error`` and left out of the table.
 
     Raises
     ------
@@ -509,7 +417,7 @@ def run_compare(
     from tqdm.auto import tqdm
 
     from tiltsample.app.store import RunFile
-    from tiltsample.seeds import chunk_seed
+    from tiltsample.executor import run_cells
     from tiltsample.targets import tasks
 
     validation.one_of("profile", profile, list(PROFILES))
@@ -537,12 +445,15 @@ def run_compare(
     if not recipes:
         raise ValueError("no sampler to compare (none of the requested recipes is registered)")
     model_dir = str(tasks.model_path(tasks.DEFAULT_AR) if model is None else Path(model))
-    policy = tasks._load_ar(model_dir, *placement)
-    diffusion = (
-        tasks.load_diffusion_policy(device=placement[0], dtype=placement[1])
-        if any(r.target == "dlm-verifier" for r in recipes)
-        else None
-    )
+    use_dlm = any(r.target == "dlm-verifier" for r in recipes)
+    setup: Callable[[], tuple[Any, Any]]
+    if backend.ray:  # the workers load the models; check the folder here, before anything runs
+        if not Path(model_dir).is_dir():
+            raise ValueError(f"model: {model_dir!r} is not a folder")
+        setup = ModelSetup(str(Path(model_dir).resolve()), placement, use_dlm, threads)
+    else:  # loaded now, so that a bad model fails before the run file is written
+        loaded = ModelSetup(model_dir, placement, use_dlm, None)()
+        setup = lambda: loaded  # noqa: E731
     problems = tasks.held_out_problems(n_prob, seed=seed)
     cells = plan(recipes, budget_list, n_prob, reps)
     header = {
@@ -556,7 +467,7 @@ def run_compare(
         "seed": seed,
         "cells": [[c.recipe.label, c.budget, c.num_samples, c.params] for c in cells[::n_prob]],
     }
-    if diffusion is not None:
+    if use_dlm:
         header["diffusion_model"] = tasks.DEFAULT_DLM
     # only a non-default placement enters the header (run files written before stay resumable)
     if placement[0] != "cpu":
@@ -569,23 +480,47 @@ def run_compare(
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(validation.positive_int("threads", threads))
+    lost: list[str] = []
     try:
         todo = [i for i in range(len(cells)) if not run.done(i)]
-        bar = tqdm(todo, desc="compare", disable=not progress)
-        for i in bar:
-            cell = cells[i]
-            bar.set_postfix_str(f"{cell.recipe.label} k={cell.budget}")
-            # common random numbers: every sampler sees the same seed on a given (problem, repeat),
-            # so comparisons are paired (and k = 1 variants of one law give the same draw)
-            cell_seed = chunk_seed(seed, cell.problem * 10_000 + cell.repeat)
-            rec = run_cell(cell, problems[cell.problem], policy, lam, cell_seed, diffusion)
-            run.write_chunk(i, [rec], {})
+        # common random numbers: every sampler sees the same seed on a given (problem, repeat), so
+        # comparisons are paired (and k = 1 variants of one law give the same draw); the seed is
+        # the cell's own, whichever worker runs it and whenever
+        jobs = [
+            (cells[i], problems[cells[i].problem], lam, cell_seed(seed, cells[i])) for i in todo
+        ]
+        bar = tqdm(total=len(todo), desc="compare", disable=not progress)
+        outcomes = run_cells(compare_cell, jobs, setup=setup, backend=backend)
+        try:
+            for outcome in outcomes:
+                i = todo[outcome.index]
+                cell = cells[i]
+                bar.set_postfix_str(f"{cell.recipe.label} k={cell.budget}")
+                bar.update()
+                if outcome.lost:  # not written: a rerun runs the cell again
+                    lost.append(f"{cell.recipe.label} k={cell.budget} p={cell.problem}")
+                    continue
+                rec = outcome.value if outcome.ok else error_record(cell, outcome.error)
+                run.write_chunk(i, [rec], {})
+        finally:  # Ctrl-C or a failed write: stop the workers now
+            outcomes.close()
+            bar.close()
     finally:
         torch.set_num_threads(previous)
+    if lost:
+        raise RuntimeError(
+            f"{len(lost)} cell(s) lost with their Ray worker ({', '.join(lost[:3])}, ...); "
+            "rerun the same command to run them"
+        )
     records = run.all_records()
     rows = summarise(records)
     table = markdown_table(rows)
     notes = "".join(f"\n- {label}: not run ({why})" for label, why in skipped.items())
+    failed = [r for r in records if "error" in r]
+    notes += "".join(
+        f"\n- {r['sampler']} k={r['budget']} problem {r['problem']}: failed ({r['error']})"
+        for r in failed
+    )
     title = (
         f"tiltsample compare — profile {profile}, {n_prob} held-out problems × {reps} repeat(s), "
         f"lam={lam}, seed={seed}, model {header['model']}"
@@ -594,6 +529,8 @@ def run_compare(
     plot(rows, out / "compare.png", title=f"{n_prob} problems, lam={lam}")
     cost = Cost()
     for r in records:
+        if "error" in r:
+            continue
         cost = cost + Cost(
             r["generated_tokens"], r["forward_tokens"], r["model_calls"], r["reward_calls"]
         )

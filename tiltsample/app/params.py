@@ -128,6 +128,38 @@ def budgets(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"every budget {exc}") from None
 
 
+def ray_address(text: str) -> str:
+    """An argparse type for ``--ray [ADDRESS]``: ``auto``, ``HOST:PORT`` or ``ray://HOST:PORT``
+    (the address ``ray start --head`` prints); ``""`` (the flag alone) is a local cluster."""
+    if text == "" or text == "auto":
+        return text
+    host, sep, port = text.removeprefix("ray://").rpartition(":")
+    if not sep or not host or any(c.isspace() for c in text) or not port.isdigit():
+        raise argparse.ArgumentTypeError(
+            f"must be auto, HOST:PORT or ray://HOST:PORT (as printed by 'ray start --head'), "
+            f"got {text!r}"
+        )
+    if not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"port must lie in 1..65535, got {text!r}")
+    return text
+
+
+def ray_backend(address: str | None, workers: int | None) -> Any:
+    """The :class:`~tiltsample.executor.Backend` of ``--ray [ADDRESS]`` / ``--ray-workers N``
+    (serial without ``--ray``); ``UsageError`` when ``ray`` is not installed."""
+    import importlib.util
+
+    from tiltsample.executor import SERIAL, Backend
+
+    if address is None:
+        if workers is not None:
+            raise UsageError("--ray-workers needs --ray")
+        return SERIAL
+    if importlib.util.find_spec("ray") is None:
+        raise UsageError("--ray needs Ray: pip install 'tiltsample[ray]'")
+    return Backend(ray=True, address=address or None, workers=workers)
+
+
 def device_flag(flag: str) -> Callable[[str], str]:
     """An argparse type for a device flag (``--device cuda:1``): checked by the library's rule
     (:func:`tiltsample.targets.hf.resolve_device`: malformed, or CUDA on a machine without it),
