@@ -16,7 +16,7 @@ from scipy.stats import f as f_dist
 
 from tiltsample import TiltedTarget
 from tiltsample.samplers import smc
-from tiltsample.samplers.twists import PrefixTable, Twist
+from tiltsample.samplers.smc.twists import PrefixTable, Twist
 from tiltsample.target import Truncation, power_target
 from tiltsample.targets.masked_diffusion import masked_diffusion_toy
 from tiltsample.targets.rewards import ConstraintReward, CountFractionReward

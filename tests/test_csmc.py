@@ -168,7 +168,7 @@ def test_sandwich_contains_log_z_and_its_gap_shrinks() -> None:
 )
 def test_particle_gibbs_leaves_pi_invariant(truncation: Truncation, params: dict[str, Any]) -> None:
     """One sweep from exact draws of pi must again give exact draws of pi (chi-square)."""
-    from tiltsample.samplers.twists import LogNormalNoise
+    from tiltsample.samplers.smc.twists import LogNormalNoise
 
     target = toy(truncation)
     params = dict(params)

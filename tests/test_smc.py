@@ -27,7 +27,7 @@ from smc_toys import smc_runs as runs
 import tiltsample
 from tiltsample import TiltedTarget, power_target
 from tiltsample.samplers import smc
-from tiltsample.samplers.twists import LogNormalNoise
+from tiltsample.samplers.smc.twists import LogNormalNoise
 from tiltsample.target import Truncation
 from tiltsample.targets.rewards import ConstraintReward, ContainsTokenReward
 from tiltsample.targets.tabular import random_tabular

@@ -15,8 +15,8 @@ import pytest
 import torch
 from smc_toys import gen
 
-from tiltsample.samplers import fk_steering as fk
-from tiltsample.samplers.diffusion_twists import LinearStateTwist, StateTable, learn_state_twist
+from tiltsample.samplers.smc import fk_steering as fk
+from tiltsample.samplers.smc.twists.diffusion import LinearStateTwist, StateTable, learn_state_twist
 from tiltsample.targets.masked_diffusion import masked_diffusion_toy
 from tiltsample.targets.toys import tabular_toy
 from tiltsample.theory.smc_exact import ExactStatePotential, diffusion_target_law

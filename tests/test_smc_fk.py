@@ -22,7 +22,7 @@ from smc_toys import masked_toy as toy
 
 from tiltsample import TiltedTarget
 from tiltsample.diffusion import denoise, initial_states, states_to_seqs
-from tiltsample.samplers import fk_steering as fk
+from tiltsample.samplers.smc import fk_steering as fk
 from tiltsample.target import Truncation
 from tiltsample.targets.toys import tabular_toy
 from tiltsample.testing import check_sampler

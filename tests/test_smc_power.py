@@ -18,7 +18,8 @@ from smc_toys import TRUNCATIONS, smc_runs
 
 import tiltsample
 from tiltsample import power_target
-from tiltsample.samplers import csmc, power_smc, smc
+from tiltsample.samplers import csmc, smc
+from tiltsample.samplers.smc import power_smc
 from tiltsample.target import Truncation
 from tiltsample.targets.rewards import ContainsTokenReward
 from tiltsample.targets.tabular import random_tabular

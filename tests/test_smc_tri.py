@@ -14,8 +14,7 @@ import pytest
 import torch
 from smc_toys import checked_log_z_spreads, gen, tri_toy, twist_law
 
-from tiltsample.samplers.smc.twists import tri as tri_module
-from tiltsample.samplers.twists import (
+from tiltsample.samplers.smc.twists import (
     LinearTwist,
     negative_phase_samples,
     path_states,
@@ -23,6 +22,7 @@ from tiltsample.samplers.twists import (
     state_tables,
     tri_tsmc,
 )
+from tiltsample.samplers.smc.twists import tri as tri_module
 from tiltsample.theory import exact_distribution, tv
 from tiltsample.theory.energies import exact_energies
 

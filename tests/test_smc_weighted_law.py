@@ -30,7 +30,7 @@ from smc_toys import TRUNCATIONS, gen, power_graded_toy, smc_runs, weighted_law_
 
 from tiltsample import TiltedTarget
 from tiltsample.samplers import smc
-from tiltsample.samplers.twists import LogNormalNoise, make_twist
+from tiltsample.samplers.smc.twists import LogNormalNoise, make_twist
 from tiltsample.target import Truncation
 from tiltsample.theory import ExactPotential, exact_distribution
 from tiltsample.theory.smc_exact import resample_move_law

@@ -16,7 +16,7 @@ from smc_toys import TRUNCATIONS, checked_log_z_spreads, gen, tri_toy, twist_law
 
 from tiltsample import TiltedTarget, power_target
 from tiltsample.samplers import smc
-from tiltsample.samplers.twists import (
+from tiltsample.samplers.smc.twists import (
     LinearTwist,
     LogNormalNoise,
     LookaheadTwist,

@@ -49,8 +49,7 @@ Modules
 :mod:`~.base` (the contract and shared helpers), :mod:`~.prefix`, :mod:`~.lookahead`,
 :mod:`~.factory` (``twist=`` by name), :mod:`~.learned` (linear families), :mod:`~.tri` and
 :mod:`~.tri_objective` (TRI-TSMC), :mod:`~.diffusion` (learned twists of masked-diffusion
-states). Also importable as ``tiltsample.samplers.twists`` and
-``tiltsample.samplers.diffusion_twists``.
+states).
 
 References
 ----------
