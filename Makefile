@@ -47,7 +47,7 @@ test-latest:
 	$(LATEST)/bin/python -m pip check
 	$(LATEST)/bin/python -m pip freeze --exclude-editable > $(LATEST)/versions.txt
 	$(LATEST)/bin/python -m pytest -q -p no:cacheprovider \
-	    --deselect tests/test_lock.py::test_installed_versions_match_the_lock
+	    --deselect tests/project/test_lock.py::test_installed_versions_match_the_lock
 
 # 1. exact ground truth on the toy target (~20 s); 2. the samplers on the embedded reasoning
 # model, small comparison (resumable: rerunning continues where it stopped); 3. bounds check.
@@ -70,10 +70,10 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 
 typecheck: $(STAMP)
-	$(PY) -m pytest -q tests/test_static.py
+	$(PY) -m pytest -q tests/project/test_static.py
 
 # The documentation site (mkdocs.yml): --strict fails on a broken link or a missing API reference;
-# tests/test_docs_site.py runs the same build in CI. docs-serve: http://127.0.0.1:8000
+# tests/project/test_docs_site.py runs the same build in CI. docs-serve: http://127.0.0.1:8000
 docs: $(STAMP)
 	$(VENV)/bin/mkdocs build --strict
 

@@ -35,7 +35,7 @@ joint; ``p_ref`` is then the sampler's own output law. Either way :meth:`complet
 the law exactly by summing over sampler paths (a forward pass over partial states, with the same
 selection code as :meth:`denoise_step`), and ``sequence_logprob`` is that law pushed to responses
 (cut after the first EOS). So ``TiltedTarget(toy, reward, lam, max_new_tokens=L)`` is an exactly
-known target for every order (``tests/test_masked_diffusion.py``).
+known target for every order (``tests/targets/test_masked_diffusion.py``).
 
 Cost: one denoiser pass per live row per step, ``forward_tokens = rows · (len(prompt) + L)``,
 ``generated_tokens`` = committed positions.

@@ -8,9 +8,14 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-# Shared test helpers (tests/smc_toys.py) are imported by name; --import-mode=importlib does not
-# put this folder on sys.path, so add it (last: installed packages keep precedence).
-sys.path.append(str(Path(__file__).resolve().parent))
+# The tests mirror the package layout (tests/core, tests/samplers/{ets,mh,smc}, tests/targets,
+# tests/theory, tests/app, tests/project). Shared helpers (tests/smc_toys.py, tests/hf_toys.py) and
+# a few test modules that reuse a sibling's toys are imported by name; --import-mode=importlib
+# does not put their folders on sys.path, so add them (last: installed packages keep precedence;
+# test module names are unique across folders, tests/project/test_layout.py checks it).
+_TESTS = Path(__file__).resolve().parent
+sys.path.append(str(_TESTS))
+sys.path.extend(str(d) for d in sorted(_TESTS.rglob("*")) if d.is_dir() and d.name != "__pycache__")
 
 # Tiny tensors dominate the suite; on a loaded 2-core machine intra-op thread wake-ups cost more
 # than the work itself (measured: 35 s -> 7 s for the SMC tests).

@@ -11,7 +11,7 @@ the sum running over the complete responses ``x`` that extend ``s`` under the ta
 convention (under ``truncation="condition"`` a response that reaches the cap without EOS is not
 complete and contributes nothing, exactly as in the target). Here ``p_ref(s)`` is the product of the
 next-token probabilities of the tokens of ``s``. Consequences, unit-tested in
-``tests/test_theory_energies.py``:
+``tests/theory/test_theory_energies.py``:
 
 * ``E(()) = Z`` and ``E(x) = exp(log_tilt(x))`` for a complete ``x``;
 * the normaliser identity ``sum_v p_ref(v | s) E(s + v) = E(s)`` at every prefix;

@@ -1,7 +1,7 @@
 r"""Exact output laws of the baseline samplers (ancestral, soft best-of-N / SIR, argmax best-of-N).
 
 Every law is that of the sampler *as implemented*, so a seeded run of the sampler can be compared
-with it (``tests/test_theory_laws.py``):
+with it (``tests/theory/test_theory_laws.py``):
 
 Proposal ``q_tau`` (:func:`proposal_law`)
     :func:`tiltsample.proposal.propose`: at each step ``softmax(log p_ref(· | s) / tau)`` over the

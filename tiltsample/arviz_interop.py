@@ -19,7 +19,7 @@ r"""Sampler outputs as ``arviz.InferenceData`` (the ``arviz`` extra; imported on
 
 ArviZ's split R-hat is pyro's split Gelman–Rubin up to the rank normalisation ArviZ adds; its
 bulk ESS (rank-normalised, Geyer's initial monotone sequence) and pyro's ESS agree to within
-a few per cent on long, well-mixed chains (``tests/test_arviz.py`` checks both).
+a few per cent on long, well-mixed chains (``tests/core/test_arviz.py`` checks both).
 """
 
 from __future__ import annotations

@@ -31,8 +31,8 @@ def pareto_khat(log_weights: Tensor) -> float:
     The tail is the weights strictly above the ``M + 1``-th largest, ``M = ceil(min(N/5,
     3 sqrt(N)))`` (ties at the cutoff stay in the body), fitted by Zhang–Stephens with the weakly
     informative prior on ``k`` (``pyro.ops.stats.fit_generalized_pareto``). This is the selection
-    of ArviZ's ``psislw`` (with ``reff = 1``): ``tests/test_arviz.py`` checks that both give the
-    same ``k̂`` to 1e-6. ``-inf`` log-weights (failed draws) are dropped first. Returns NaN when
+    of ArviZ's ``psislw`` (with ``reff = 1``): ``tests/core/test_arviz.py`` checks that both give
+    the same ``k̂`` to 1e-6. ``-inf`` log-weights (failed draws) are dropped first. Returns NaN when
     fewer than 5 weights are in the tail (ArviZ returns ``inf`` there) or the fit degenerates.
     """
     from pyro.ops.stats import fit_generalized_pareto

@@ -14,8 +14,9 @@
   failed (log-weight ``-inf``), never returns silent draws — unless the entry says its draws are
   not aimed at the tilted target (``targets_pi=False``, e.g. ``ancestral``).
 
-Laws are tested per family against exact ground truth (``tests/test_theory_laws.py``,
-``tests/test_ets_laws.py``, ``tests/test_smc_weighted_law.py``, ``tests/test_mh_kernels.py``);
+Laws are tested per family against exact ground truth (``tests/theory/test_theory_laws.py``,
+``tests/theory/test_ets_laws.py``, ``tests/samplers/smc/test_smc_weighted_law.py``,
+``tests/samplers/mh/test_mh_kernels.py``);
 this suite is the floor every registered sampler stands on.
 """
 

@@ -91,8 +91,9 @@ def apply_floor(
     returns 0 for a prefix of positive energy (K rollouts that all violate a hard constraint, or
     that end without EOS under ``truncation="condition"``) kills particles the target needs, and
     SMC becomes biased (measured: ``E[Ẑ]/Z = 0.92 ± 0.01`` on a constraint toy with one rollout,
-    ``tests/test_twists.py``). Any positive value restores exactness; the floor is relative to the
-    prefix twist (the power part of the tilt, ``1`` for other tilts) so it has the tilt's scale.
+    ``tests/samplers/smc/test_twists.py``). Any positive value restores exactness; the floor is
+    relative to the prefix twist (the power part of the tilt, ``1`` for other tilts) so it has
+    the tilt's scale.
     """
     if floor is None:
         return values

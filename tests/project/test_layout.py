@@ -12,7 +12,7 @@ import pytest
 
 import tiltsample
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FOLDERS = ("samplers", "targets", "theory")
 
 
@@ -72,3 +72,38 @@ def test_sampling_does_not_import_transformers_or_matplotlib() -> None:
     proc = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == ""
+
+
+# The tests mirror the package: a folder per layer (and per sampler family).
+TEST_FOLDERS = {
+    "core": ROOT / "tiltsample",
+    "app": ROOT / "tiltsample" / "app",
+    "samplers": ROOT / "samplers",
+    "samplers/ets": ROOT / "samplers" / "ets",
+    "samplers/mh": ROOT / "samplers" / "mh",
+    "samplers/smc": ROOT / "samplers" / "smc",
+    "targets": ROOT / "targets",
+    "theory": ROOT / "theory",
+    "project": ROOT,
+}
+
+
+def test_tests_mirror_the_layout() -> None:
+    tests = ROOT / "tests"
+    loose = sorted(p.name for p in tests.glob("test_*.py"))
+    assert not loose, f"test modules belong in a layer's folder, not tests/: {loose}"
+    folders = {
+        str(p.parent.relative_to(tests)) for p in tests.rglob("test_*.py") if p.parent != tests
+    }
+    assert folders <= set(TEST_FOLDERS), (
+        f"test folders without a package: {folders - set(TEST_FOLDERS)}"
+    )
+    for folder, package in TEST_FOLDERS.items():
+        assert package.is_dir(), f"tests/{folder} mirrors {package}, which does not exist"
+        assert any((tests / folder).glob("test_*.py")), f"tests/{folder} has no tests"
+
+
+def test_test_module_names_are_unique() -> None:
+    # conftest.py puts every test folder on sys.path: a repeated name would shadow another
+    names = [p.stem for p in (ROOT / "tests").rglob("*.py") if p.name != "conftest.py"]
+    assert len(names) == len(set(names)), sorted(n for n in set(names) if names.count(n) > 1)

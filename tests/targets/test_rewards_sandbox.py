@@ -26,7 +26,7 @@ from tiltsample.targets.rewards import (
     sandbox_status,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ import pytest
 from tiltsample.app import cli
 from tiltsample.app.cli import main
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "errors.md"
 
 # (id, argv with {tmp} for a scratch folder, substrings the one-line message must contain)
 CASES: list[tuple[str, list[str], list[str]]] = [

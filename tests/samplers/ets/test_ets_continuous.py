@@ -11,21 +11,17 @@ tolerances from the sample size), and bad input.
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from test_ets import ar_target, chi2_pvalue, dlm_target, perturbed, run
 
 from tiltsample.samplers import ets
 from tiltsample.samplers.ets.chains import ChainStream, inverse_cdf
 from tiltsample.testing import check_sampler
 from tiltsample.theory import ExactPotential, tv
 from tiltsample.theory.ets_laws import ets_law, rao_blackwell_law
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_ets import ar_target, chi2_pvalue, dlm_target, perturbed, run
 
 torch.set_num_threads(1)
 CONT: dict[str, Any] = {"batching": "continuous"}

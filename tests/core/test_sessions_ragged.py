@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 import pytest
 import torch
+from hf_toys import EOS, V, tiny_model
 
 from tiltsample.policy import (
     PrefixSession,
@@ -29,32 +30,6 @@ from tiltsample.policy import append_rows as append_rows_helper
 from tiltsample.targets.hf import HFPolicy, HFSession
 from tiltsample.targets.tabular import random_tabular
 from tiltsample.types import Seq
-
-V = 8
-EOS = 0
-BOS = 1
-
-
-def tiny_model(dtype: torch.dtype, seed: int = 0) -> Any:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    cfg = Qwen2Config(
-        vocab_size=V,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=BOS,
-        eos_token_id=EOS,
-        initializer_range=0.3,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(cfg)
-    return model.to(dtype).eval()
-
 
 pytestmark = pytest.mark.usefixtures("serial_torch")
 

@@ -135,7 +135,7 @@ def test_docs_need_every_experiment(tmp_path: Path) -> None:
 def test_committed_docs_are_generated_from_the_full_profile() -> None:
     from tiltsample.theory.rates.docs import BEGIN, END
 
-    docs = Path(__file__).resolve().parent.parent / "docs"
+    docs = Path(__file__).resolve().parents[2] / "docs"
     text = (docs / "theory.md").read_text()
     section = text.split(BEGIN)[1].split(END)[0]
     assert "`tiltsample verify --profile full`" in section

@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 import torch
+from hf_toys import tiny_model
+from test_mh_sampler import assert_draws_follow
 
 import tiltsample
 from tiltsample import TiltedTarget
@@ -19,9 +21,6 @@ from tiltsample.targets.hf import HFPolicy
 from tiltsample.targets.rewards import ContainsTokenReward
 from tiltsample.targets.tabular import random_tabular
 from tiltsample.theory.mh_kernels import law_after, mh_kernel
-
-from .test_mh_sampler import assert_draws_follow
-from .test_sessions_ragged import tiny_model
 
 pytestmark = pytest.mark.usefixtures("serial_torch")
 

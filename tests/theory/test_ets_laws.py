@@ -6,7 +6,7 @@ against closed forms (lam → ∞ gives p_ref, one guidance step is soft best-of
 against the target, and the convergence claims of ``specs/ets.md`` §8.2 as log-log slopes of
 exact TV (no sampling noise): rate ``1/M`` at every fixed ``K`` including ``K = 1`` (no floor),
 ``TV ≤ ρ̂/M`` per step, no monotonicity in ``K``. The seeded comparisons of the sampler with
-these laws are in ``tests/test_ets.py``.
+these laws are in ``tests/samplers/ets/test_ets.py``.
 """
 
 from __future__ import annotations

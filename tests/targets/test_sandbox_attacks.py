@@ -427,7 +427,7 @@ def test_escape_is_refused_without_a_trace(
     server.listen(1)
     server.settimeout(0.05)
     before = {p.name for p in host.iterdir()}
-    repo = str(Path(__file__).resolve().parents[1])
+    repo = str(Path(__file__).resolve().parents[2])
     try:
         attack = ESCAPES[name].format(
             host=str(host), home=home, repo=repo, port=server.getsockname()[1]

@@ -35,7 +35,7 @@ import pytest
 # Each block is a fresh interpreter (seconds each): in `make test`, not in `make test-fast`.
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BLOCK_BUDGET_S = 120
 """Per-block wall-clock limit in seconds (a loaded 2-core machine; blocks take a few seconds)."""
 

@@ -66,8 +66,12 @@ def test_samplers_of_another_kind_refuse_the_tabular_toy(name: str) -> None:
 @settings(max_examples=10)
 @given(target=tabular_targets())
 def test_sampler_conformance_on_random_targets(name: str, target: tiltsample.TiltedTarget) -> None:
-    n = 2 if name == "beam" else 5
     target = _target_for(name, target)
+    n = 5
+    if name == "beam":
+        # beam returns distinct hypotheses: asking for more than the support holds is refused
+        # ("raise num_beams"), which the support-size-1 examples would hit
+        n = min(2, len(enumerate_target(target).support))
     if TARGET_KIND.get(name) == "masked-diffusion" and target.truncation == "condition":
         # a masked-diffusion response cannot be forced to end with EOS: a particle without EOS
         # is returned with log-weight -inf (a failed draw), which check_sampler's "every draw is
