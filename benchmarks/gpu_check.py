@@ -1,17 +1,26 @@
-r"""GPU check of the transformers backend: samplers on CUDA, CUDA vs CPU log-probs, decode speed.
+r"""GPU check: samplers on CUDA, CUDA vs CPU log-probs, decode speed, sampler shares (HF, vLLM).
 
-Run on the GPU machine from the repository root (one go, about 1–3 minutes on an H200)::
+Run on the GPU machine from the repository root (one go, within ``--budget``: :data:`BUDGET` =
+290 s by default, model creation and the vLLM engine start included)::
 
     python benchmarks/gpu_check.py --device cuda
 
-and here, before, as a smoke test of the script itself (under a minute on a CPU)::
+and here, before, as a smoke test of the script itself (every section, no time budget; about
+4 minutes on 2 busy CPU cores, half of it the shares with host-side sampling over 151,936 tokens
+and the vLLM engine start)::
 
     .venv/bin/python benchmarks/gpu_check.py --device cpu --quick
 
 Prints one compact JSON summary on stdout and writes it (indented) to ``--out`` (default:
-``$OUT/gpu_check.json`` when ``OUT`` is set). Every section runs in its own ``try`` and records its
-error, so one failure does not lose the rest; the exit status is 0 when every section ran without
-error and every check passed, 1 otherwise.
+``$OUT/gpu_check.json`` when ``OUT`` is set); the share table of ``shares`` and ``vllm_shares``
+also goes to stderr as markdown (and to ``share_table`` in the JSON). Every section runs in its
+own ``try`` and records its error, so one failure does not lose the rest; the exit status is 0
+when every section ran without error and every check passed, 1 otherwise.
+
+Time budget: ``shares`` and ``vllm_shares`` skip the runs that would end after the budget
+(``shares`` leaves :data:`VLLM_RESERVE` seconds to ``vllm_shares`` when vLLM is installed) and
+report them as ``skipped`` (``budget_cut: true`` on the section); the earlier sections are fixed
+work (about 1–3 minutes on an H200, measured 2026-12-04).
 
 Sections
 --------
@@ -41,7 +50,21 @@ Sections
     tokens with our loop vs ``transformers`` ``generate`` (``do_sample=True, top_k=0, top_p=1.0,
     temperature=1.0`` inside ``torch.random.fork_rng``), and a breakdown of one step of our loop
     (forward + law to the host, the host copy alone, CPU sampling). ``--quick`` shrinks the model
-    (hidden 64, 2 layers, same vocabulary) and the token count.
+    (hidden 128, 2 layers, 2 heads of 64, same vocabulary) and the token count.
+``shares``
+    :mod:`gpu_shares` on the same random Qwen2-0.5B-shaped model (bfloat16 on the device): plain
+    batched decoding's tokens/s and every autoregressive sampler's generated tokens/s as a share
+    of it, at 64 and 256 rows (64 new tokens, medians of 3; ``--quick``: the small model with a
+    vocabulary of 8,192, 8 and 16 rows, 8 tokens, 1 repeat). ``ok`` is false when a sampler fails.
+``vllm_shares``
+    :mod:`gpu_vllm`, only where ``vllm`` is importable (else ``skipped: vllm not installed``): the
+    same model saved to a temporary folder and served by vLLM
+    (:func:`tiltsample.targets.vllm.load_vllm_policy`, bfloat16, no tokenizer), the same table
+    (plus ``imh`` and ``qalign``). The engine serves rollouts only (vocabulary above the
+    full-law limit): samplers that need next-token laws refuse it at their warm-up and are
+    reported as ``needs token-level laws`` (``beam``, ``entropy-cut``); ``ok`` is false when a
+    sampler fails otherwise. ``--vllm-eager`` starts the engine without CUDA graphs (faster
+    start, slower decoding).
 """
 
 from __future__ import annotations
@@ -63,6 +86,10 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLERS = ("best-of-n", "smc", "ets", "power")
+BUDGET = 290.0
+"""Default ``--budget`` in seconds (none with ``--quick``, a smoke test of every path)."""
+VLLM_RESERVE = 120.0
+"""Seconds of the budget that ``shares`` leaves to ``vllm_shares`` (engine start and runs)."""
 PYRO_IMPORTS: list[str] = []
 
 
@@ -224,7 +251,8 @@ def check_samplers(out: dict[str, Any], device: str, problems: list[Any], quick:
         rows: dict[str, Any] = {"policy_device": str(policy.device), "dtype": str(policy.dtype)}
         for name in SAMPLERS:
             row: dict[str, Any] = {"issues": [], "errors": []}
-            correct = same = draws = gen_tokens = 0
+            same = draws = gen_tokens = 0
+            correct = 0.0
             seconds = 0.0
             for i, problem in enumerate(problems):
                 target, n, params = sampler_runs(policy, problem, quick)[name]
@@ -401,15 +429,21 @@ def check_decode(out: dict[str, Any], device: str, problems: list[Any], quick: b
         out[f"{torch.device(where).type}_{dtype}"] = row
 
 
-def qwen05b_config(quick: bool) -> Any:
+QWEN_VOCAB = 151936
+
+
+def qwen05b_config(quick: bool, vocab_size: int = QWEN_VOCAB) -> Any:
+    """Qwen2-0.5B's shape (``quick``: hidden 128, 2 layers, 2 heads of 64) with ``vocab_size``
+    tokens (Qwen2's special ids; the last three ids of a smaller vocabulary)."""
     from transformers import Qwen2Config
 
+    bos, eos = (151643, 151645) if vocab_size == QWEN_VOCAB else (vocab_size - 3, vocab_size - 1)
     size: dict[str, Any] = (
         {
-            "hidden_size": 64,
+            "hidden_size": 128,
             "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "intermediate_size": 128,
+            "num_attention_heads": 2,
+            "intermediate_size": 256,
         }
         if quick
         else {
@@ -420,14 +454,14 @@ def qwen05b_config(quick: bool) -> Any:
         }
     )
     return Qwen2Config(
-        vocab_size=151936,
+        vocab_size=vocab_size,
         num_key_value_heads=2,
         max_position_embeddings=32768,
-        rope_theta=1000000.0,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
         tie_word_embeddings=True,
-        bos_token_id=151643,
-        eos_token_id=151645,
-        pad_token_id=151643,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=bos,
         **size,
     )
 
@@ -448,7 +482,7 @@ def check_qwen05b(out: dict[str, Any], device: str, quick: bool) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         with dev:  # initialise on the device (fast), then cast
-            model = Qwen2ForCausalLM(cfg)
+            model: Any = Qwen2ForCausalLM(cfg)
     model = model.to(torch.bfloat16).eval()
     out["params_M"] = rnd(sum(p.numel() for p in model.parameters()) / 1e6)
     out["new_tokens"] = new_tokens
@@ -522,6 +556,57 @@ def check_qwen05b(out: dict[str, Any], device: str, quick: bool) -> None:
     }
 
 
+def share_status(result: dict[str, Any]) -> tuple[bool, bool]:
+    """``(ok, cut)`` of a share result: ``ok`` when no cell holds an error, ``cut`` when the time
+    budget skipped a run."""
+    cells = [c for w, row in result.items() if w.isdigit() for c in row.values()]
+    texts = [json.dumps(c) if isinstance(c, dict) else str(c) for c in cells]
+    ok = not any(
+        (isinstance(c, dict) and "error" in c) or (isinstance(c, str) and c.startswith("error"))
+        for c in cells
+    )
+    return ok, any("time budget" in t for t in texts) or "time budget" in str(
+        result.get("skipped", "")
+    )
+
+
+def check_shares(out: dict[str, Any], device: str, quick: bool, deadline: float) -> None:
+    import gpu_shares
+
+    widths, new_tokens, repeats = gpu_shares.sizes(quick)
+    res = gpu_shares.measure(device, quick, widths, new_tokens, repeats, deadline)
+    out.update(res)
+    out["ok"], out["budget_cut"] = share_status(res)
+
+
+def check_vllm_shares(
+    out: dict[str, Any], device: str, quick: bool, deadline: float, eager: bool
+) -> None:
+    import gpu_shares
+    import gpu_vllm
+
+    missing = gpu_vllm.vllm_missing()
+    if missing:
+        out["skipped"] = missing
+        return
+    widths, new_tokens, repeats = gpu_shares.sizes(quick)
+    res = gpu_vllm.measure(device, quick, widths, new_tokens, repeats, deadline, eager)
+    out.update(res)
+    out["ok"], out["budget_cut"] = share_status(res)
+
+
+def share_table(report: dict[str, Any]) -> str | None:
+    """The markdown table of the ``shares`` and ``vllm_shares`` results present."""
+    import gpu_shares
+
+    columns = {
+        label: report[key]
+        for key, label in (("shares", "HF"), ("vllm_shares", "vLLM"))
+        if any(k.isdigit() for k in report.get(key, {}))
+    }
+    return gpu_shares.share_table(columns) if columns else None
+
+
 # ------------------------------------------------------------------------------ main
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -543,7 +628,20 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         default=None,
-        help="comma-separated sections to run (env,samplers,logprobs,decode,qwen05b)",
+        help="comma-separated sections to run "
+        "(env,samplers,logprobs,decode,qwen05b,shares,vllm_shares)",
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds for the whole check; the share sections skip runs past it "
+        "(default: 290, none with --quick)",
+    )
+    parser.add_argument(
+        "--vllm-eager",
+        action="store_true",
+        help="start the vLLM engine with enforce_eager (no CUDA graphs: faster start)",
     )
     parser.add_argument(
         "--force-shim", action="store_true", help="import from the source tree even if installed"
@@ -571,18 +669,36 @@ def main(argv: list[str] | None = None) -> int:
     n = args.problems or (1 if args.quick else 3)
     problems = tasks.held_out_problems(n, seed=0)
     only = None if args.only is None else set(args.only.split(","))
+    budget = args.budget if args.budget is not None else (math.inf if args.quick else BUDGET)
+    report["budget_s"] = None if math.isinf(budget) else budget
+    deadline = started + budget
+    with_vllm = (only is None or "vllm_shares" in only) and (
+        importlib.util.find_spec("vllm") is not None
+    )
+    share_deadline = deadline - (VLLM_RESERVE if with_vllm else 0.0)
     steps: dict[str, Callable[[dict[str, Any]], None]] = {
         "env": lambda out: check_env(out, device, how),
         "samplers": lambda out: check_samplers(out, device, problems, args.quick),
         "logprobs": lambda out: check_logprobs(out, device, problems),
         "decode": lambda out: check_decode(out, device, problems, args.quick),
         "qwen05b": lambda out: check_qwen05b(out, device, args.quick),
+        "shares": lambda out: check_shares(out, device, args.quick, share_deadline),
+        "vllm_shares": lambda out: check_vllm_shares(
+            out, device, args.quick, deadline, args.vllm_eager
+        ),
     }
     for name, step in steps.items():
         if only is not None and name not in only:
             continue
         with section(report, name) as out:
             step(out)
+    table = share_table(report)
+    if table:
+        report["share_table"] = table
+        print(
+            f"[gpu_check] generated tokens/s as a share of plain decoding:\n{table}",
+            file=sys.stderr,
+        )
     report["pyro_imports"] = PYRO_IMPORTS
     report["ok"] = all(
         v.get("ok", False) for v in report.values() if isinstance(v, dict) and "ok" in v

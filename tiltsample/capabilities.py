@@ -8,6 +8,10 @@
 * :func:`append_rows`: move the rows of one session after those of another (fallback:
   :class:`RaggedGroups`).
 
+:class:`TokenLevelAccessError` is the error of a session or policy that works at the rollout
+level only (a serving engine that cannot return full next-token laws) when it is asked for them:
+every sampler that needs token-level access fails with it at its first ``logprobs()`` call.
+
 Everything here is re-exported by :mod:`tiltsample.policy`.
 """
 
@@ -24,6 +28,7 @@ from tiltsample.types import Cost
 
 __all__ = [
     "RaggedGroups",
+    "TokenLevelAccessError",
     "append_rows",
     "check_row_counts",
     "check_token_block",
@@ -33,6 +38,16 @@ __all__ = [
     "supports_ragged",
     "truncate_rows",
 ]
+
+
+class TokenLevelAccessError(RuntimeError):
+    """A policy or session cannot give token-level access (full next-token laws ``[B, V]``).
+
+    Raised by rollout-level backends (:class:`~tiltsample.policy.RolloutSession`) from
+    ``logprobs()`` / ``next_logprobs`` and by their native decoding when a request needs the
+    laws (per-token entropies, teacher forcing at a temperature other than 1). The message names
+    what needed them and the ways out (a rollout-level sampler, another backend).
+    """
 
 
 def supports_ragged(session: DecodeSession) -> bool:

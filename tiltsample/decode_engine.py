@@ -8,8 +8,10 @@ per-token ``log p`` (temperature 1), ``log q`` (the law actually drawn from, so 
 an exact importance log-weight), optionally entropies, the new lengths and the generated-token
 count. :func:`score_continuations` is the other half of that contract: the per-token ``log p`` of
 *given* continuations (teacher forcing in one model call where the session can). A serving
-backend (vLLM) implements the same two calls natively for the laws it can express (tempered,
-top-k / top-p: :func:`~tiltsample.token_laws.tempered_law`); here they run on any token-level
+backend (vLLM) implements the same two calls natively for the laws it can express (plain
+tempered laws: a :class:`~tiltsample.token_laws.TemperedLaw` without a custom ``proposal``) and
+refuses the others; :func:`decode` and :func:`score_continuations` hand a request to such a
+session (a :class:`~tiltsample.policy.RolloutSession`) unchanged. Here they run on any token-level
 session, with any law given as a function of the temperature-1 log-probs.
 
 Rules, per row ``r`` and position ``t`` (``start[r] <= t < cap[r]``, response-relative):
@@ -40,7 +42,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from tiltsample.policy import DecodeSession, append_rows, extend_and_score
+from tiltsample.policy import DecodeSession, RolloutSession, append_rows, extend_and_score
 from tiltsample.token_laws import Law, draw_tokens, inverse_cdf
 
 __all__ = [
@@ -209,7 +211,14 @@ def decode(
 ) -> tuple[Decoded, DecodeSession]:
     """Extend every row of ``session`` as ``request`` says; return the continuations and the
     session holding the extended rows (``session`` itself unless rows were parked: then the
-    rows are re-assembled, in the original order, into the returned session)."""
+    rows are re-assembled, in the original order, into the returned session).
+
+    A :class:`~tiltsample.policy.RolloutSession` (a serving engine) decodes the request natively
+    (``session.decode_rollouts``: same rules, its own draws from ``generator``, no parking) and
+    is returned itself; any other session runs the token-level loop below."""
+    if isinstance(session, RolloutSession):
+        native: Decoded = session.decode_rollouts(generator, request)
+        return native, session
     rows = session.batch_size
     if rows == 0:
         return _empty(0, request.record_entropy), session
@@ -284,7 +293,11 @@ def score_continuations(session: DecodeSession, tokens: Tensor, lengths: Tensor)
     """Teacher forcing: append the continuations ``tokens`` ``[R, k]`` (row ``r`` has
     ``lengths[r]`` real tokens, then padding) to the rows of ``session`` and return their
     temperature-1 log-probs ``[R, k]`` float64 (0 on padding). One model call when the session
-    has ``extend_and_score``, else one per position."""
+    has ``extend_and_score``, else one per position; a
+    :class:`~tiltsample.policy.RolloutSession` scores them natively."""
+    if isinstance(session, RolloutSession):
+        scored: Tensor = session.score_continuations(tokens, lengths)
+        return scored
     lp = extend_and_score(session, tokens).to(torch.float64)
     real = torch.arange(tokens.shape[1])[None, :] < lengths[:, None]
     return torch.where(real, lp, torch.zeros_like(lp))

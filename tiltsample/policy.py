@@ -15,7 +15,10 @@ Optional session capabilities, each with a helper that falls back for sessions l
 * several prompts in one session: :func:`open_session_multi` (``policy.session_multi``; fallback: a
   :class:`PrefixSession` with one prompt per row);
 * :func:`append_rows`: move the rows of one session after those of another (fallback:
-  :class:`RaggedGroups`).
+  :class:`RaggedGroups`);
+* the rollout level natively (:class:`RolloutSession`: ``decode_rollouts`` and
+  ``score_continuations``, a serving engine's session): :func:`tiltsample.decode_engine.decode`
+  and :func:`~tiltsample.decode_engine.score_continuations` dispatch to it.
 
 This module is the public home of all of these names. It defines :func:`open_session`,
 :func:`open_session_multi` and :func:`sequence_logprob_from_next` and re-exports the rest from
@@ -32,6 +35,7 @@ from torch import Tensor
 
 from tiltsample.capabilities import (
     RaggedGroups,
+    TokenLevelAccessError,
     append_rows,
     check_token_block,
     extend_and_score,
@@ -40,7 +44,12 @@ from tiltsample.capabilities import (
     supports_ragged,
     truncate_rows,
 )
-from tiltsample.policy_protocols import DecodeSession, RaggedDecodeSession, ReferencePolicy
+from tiltsample.policy_protocols import (
+    DecodeSession,
+    RaggedDecodeSession,
+    ReferencePolicy,
+    RolloutSession,
+)
 from tiltsample.prefix_session import PrefixSession, prompt_counts
 from tiltsample.types import Seq
 
@@ -50,6 +59,8 @@ __all__ = [
     "RaggedDecodeSession",
     "RaggedGroups",
     "ReferencePolicy",
+    "RolloutSession",
+    "TokenLevelAccessError",
     "append_rows",
     "check_token_block",
     "extend_and_score",

@@ -7,13 +7,14 @@ attributes of :class:`ReferencePolicy` works (structural typing; no subclassing 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
+import torch
 from torch import Tensor
 
 from tiltsample.types import Cost, Seq
 
-__all__ = ["DecodeSession", "RaggedDecodeSession", "ReferencePolicy"]
+__all__ = ["DecodeSession", "RaggedDecodeSession", "ReferencePolicy", "RolloutSession"]
 
 
 @runtime_checkable
@@ -117,4 +118,35 @@ class RaggedDecodeSession(DecodeSession, Protocol):
 
     def truncate_rows(self, n: Tensor) -> None:
         """Drop the last ``n[r]`` tokens of row ``r`` (``LongTensor[B]``, ``0 <= n[r] <= len``)."""
+        ...
+
+
+@runtime_checkable
+class RolloutSession(Protocol):
+    """A session that implements the *rollout level* of the decode engine natively.
+
+    A serving backend (the vLLM engine of :mod:`tiltsample.targets.vllm`) decodes whole
+    continuations in one engine call instead of one next-token law per position;
+    :func:`tiltsample.decode_engine.decode` and
+    :func:`~tiltsample.decode_engine.score_continuations` hand their requests to these methods
+    when the session has them (``isinstance(session, RolloutSession)``), and run the token-level
+    loop otherwise. Such a session may not offer ``logprobs()`` (full next-token laws); when it
+    cannot, it raises an error naming the token-level access the caller needs. Such a session is
+    also a :class:`RaggedDecodeSession`; the protocol lists only the two rollout methods, so that
+    the ``isinstance`` check of every ``decode`` call stays cheap.
+
+    The types are those of :mod:`tiltsample.decode_engine` (``DecodeRequest`` in, ``Decoded``
+    out), written ``Any`` here because that module imports this one.
+    """
+
+    def decode_rollouts(self, generator: torch.Generator, request: Any) -> Any:
+        """Extend every row as the ``DecodeRequest`` ``request`` says (the rules of
+        :mod:`tiltsample.decode_engine`) and return the ``Decoded`` continuations; randomness
+        comes from ``generator`` only. Every row ends extended by the returned ``[B, n]`` tokens
+        (EOS-padded), as after the token-level loop without parking."""
+        ...
+
+    def score_continuations(self, tokens: Tensor, lengths: Tensor) -> Tensor:
+        """Append ``tokens`` ``[B, k]`` (row ``r``: ``lengths[r]`` real tokens, then padding) and
+        return their temperature-1 log-probs ``[B, k]`` float64, 0 on padding."""
         ...

@@ -6,7 +6,9 @@ A *law* turns the temperature-1 next-token log-probs ``[R, V]`` of ``R`` rows in
 ``log p - log q`` is an exact importance log-weight) and, when asked, an entropy per row.
 :func:`tempered_law` is the default (``q = softmax(log p / tau)``, full vocabulary, one
 temperature per row or one for all); a sampler with another law (the MH family's top-k support)
-passes its own function.
+passes its own function. :func:`tempered_law` returns a :class:`TemperedLaw`, a callable that
+also exposes its temperature and whether a custom ``proposal`` replaces it: the one kind of law a
+serving backend (which samples inside its engine) can express and therefore accept.
 
 Draws: :func:`draw_tokens` with the caller's ``torch.Generator`` (``torch.multinomial`` on
 ``exp(log q)``; a row that is not a law raises the :func:`check_law` error), or
@@ -25,6 +27,7 @@ from torch import Tensor
 __all__ = [
     "Law",
     "LawValues",
+    "TemperedLaw",
     "TokenLaw",
     "check_law",
     "draw_tokens",
@@ -80,30 +83,76 @@ def entropy(log_p: Tensor) -> Tensor:
     return -torch.where(finite, torch.exp(log_p) * log_p, torch.zeros_like(log_p)).sum(dim=1)
 
 
+class TemperedLaw:
+    r"""The law ``q = softmax(log p / tau)`` on the full vocabulary, as a callable that exposes its
+    parameters (what :func:`tempered_law` returns).
+
+    Calling it maps the float64 temperature-1 log-probs ``[R, V]`` to a :class:`TokenLaw`. The
+    attributes let a *serving* backend (one that samples inside its engine, e.g. vLLM) tell a
+    plain tempered law, which it can express as a per-request temperature, from an arbitrary one,
+    which it must refuse: :attr:`expressible` is true exactly when no custom ``proposal`` was
+    given.
+
+    Attributes
+    ----------
+    temperature
+        One ``tau > 0`` for all rows, or a ``[R]`` tensor (one per row).
+    proposal
+        The custom law (temperature-1 log-probs to normalised ``log q``, e.g. a top-k / top-p
+        filter) that replaces the tempered one, or None.
+    with_entropy
+        Whether the law also returns the entropy of ``p`` at temperature 1.
+    """
+
+    __slots__ = ("proposal", "temperature", "with_entropy")
+
+    def __init__(
+        self,
+        temperature: float | Tensor = 1.0,
+        *,
+        proposal: Callable[[Tensor], Tensor] | None = None,
+        with_entropy: bool = False,
+    ) -> None:
+        self.temperature = temperature
+        self.proposal = proposal
+        self.with_entropy = with_entropy
+
+    @property
+    def expressible(self) -> bool:
+        """True when the law is ``softmax(log p / tau)`` itself (no custom ``proposal``)."""
+        return self.proposal is None
+
+    def __call__(self, log_p: Tensor) -> TokenLaw:
+        if self.proposal is not None:
+            log_q = self.proposal(log_p).to(torch.float64)
+        elif isinstance(self.temperature, Tensor):
+            log_q = _per_row_tempered(log_p, self.temperature)
+        else:
+            log_q = tempered_logprobs(log_p, self.temperature)
+        return TokenLaw(log_q, log_p, entropy(log_p) if self.with_entropy else None)
+
+    def __repr__(self) -> str:
+        tau = "per-row" if isinstance(self.temperature, Tensor) else repr(self.temperature)
+        custom = "" if self.proposal is None else f", proposal={self.proposal!r}"
+        return f"TemperedLaw(temperature={tau}{custom}, with_entropy={self.with_entropy})"
+
+
 def tempered_law(
     temperature: float | Tensor = 1.0,
     *,
     proposal: Callable[[Tensor], Tensor] | None = None,
     with_entropy: bool = False,
-) -> Law:
+) -> TemperedLaw:
     """The law ``q = softmax(log p / tau)`` on the full vocabulary (no top-k, no top-p).
 
     ``temperature`` is one ``tau > 0`` for all rows or a ``[R]`` tensor, one per row (rows at
     ``tau = 1`` get ``log p`` itself). ``proposal``, if given, replaces it: a function from the
     temperature-1 log-probs to normalised ``log q`` (a top-k / top-p filter). With
-    ``with_entropy`` the law also returns the entropy of ``p`` at temperature 1.
+    ``with_entropy`` the law also returns the entropy of ``p`` at temperature 1. The returned
+    :class:`TemperedLaw` is a :data:`Law` that also exposes these parameters (for serving
+    backends, which express a tempered law natively and refuse a custom one).
     """
-
-    def law(log_p: Tensor) -> TokenLaw:
-        if proposal is not None:
-            log_q = proposal(log_p).to(torch.float64)
-        elif isinstance(temperature, Tensor):
-            log_q = _per_row_tempered(log_p, temperature)
-        else:
-            log_q = tempered_logprobs(log_p, temperature)
-        return TokenLaw(log_q, log_p, entropy(log_p) if with_entropy else None)
-
-    return law
+    return TemperedLaw(temperature, proposal=proposal, with_entropy=with_entropy)
 
 
 def _per_row_tempered(log_p: Tensor, temperature: Tensor) -> Tensor:

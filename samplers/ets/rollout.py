@@ -55,7 +55,7 @@ from torch import Tensor
 from tiltsample.decode_engine import score_continuations
 from tiltsample.decoding import decode_until_complete, rows_to_seqs
 from tiltsample.diffusion import MaskedDiffusionPolicy, denoise, states_to_seqs
-from tiltsample.policy import DecodeSession
+from tiltsample.policy import DecodeSession, RolloutSession
 from tiltsample.samplers.ets.proposal import clip_log_ratio
 from tiltsample.target import TiltedTarget
 from tiltsample.types import Cost, Seq
@@ -177,7 +177,8 @@ def rollouts_from_sessions(
     """``K`` rollouts of every row of ``session`` (incomplete prefixes of one length).
 
     ``session`` (``p_ref``) and ``proposal_session`` (the proposal policy, same rows, or None)
-    are not modified beyond a ``logprobs()`` call (whose cost, if any, is the caller's): the
+    are not modified beyond a ``logprobs()`` call (whose cost, if any, is the caller's; none on
+    a :class:`~tiltsample.policy.RolloutSession`): the
     rollouts run on forks expanded by ``select``, so each prefix is encoded once however many
     rollouts it gets. Without a proposal the rollouts are decoded by ``p_ref``
     at ``temperature``; with one, by the proposal at ``temperature``, and ``p_ref`` scores the
@@ -186,9 +187,11 @@ def rollouts_from_sessions(
     """
     rows = session.batch_size
     rep = torch.arange(rows).repeat_interleave(num_rollouts)
-    session.logprobs()  # the prefixes are pushed through the model once, before expansion
-    if proposal_session is not None:
-        proposal_session.logprobs()
+    # the prefixes are pushed through the model once, before expansion (a rollout-level session,
+    # i.e. a serving engine with prefix caching, shares them without it)
+    for s in (session, proposal_session):
+        if s is not None and not isinstance(s, RolloutSession):
+            s.logprobs()
     ref = session.fork()
     if num_rollouts > 1:  # K = 1: the rows are already the rollout rows (no cache copy)
         ref.select(rep)

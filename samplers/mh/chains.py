@@ -10,7 +10,13 @@ import torch
 from torch import Tensor
 
 from tiltsample import validation
-from tiltsample.policy import DecodeSession, open_session, open_session_multi, supports_ragged
+from tiltsample.policy import (
+    DecodeSession,
+    RolloutSession,
+    open_session,
+    open_session_multi,
+    supports_ragged,
+)
 from tiltsample.samplers.mh.config import MHConfig, config_from
 from tiltsample.samplers.mh.continuous import init_continuous
 from tiltsample.samplers.mh.decode import Slot, Suffix, decode_rows
@@ -146,7 +152,8 @@ def _open_chains(
         base = (
             open_session_multi(policy, prompts, 1) if joint else open_session(policy, prompts[0], 1)
         )
-        base.logprobs()  # encode the prompts once; every step forks this session
+        if not isinstance(base, RolloutSession):  # a serving engine caches prompts itself
+            base.logprobs()  # encode the prompts once; every step forks this session
         session = base.fork()
         session.select(owner if owner is not None else torch.zeros(chains, dtype=torch.long))
         return session, Slot(base, 0), base.cost, "aligned"

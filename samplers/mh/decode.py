@@ -1,7 +1,13 @@
 """Suffix decoding: extend the rows of a decode session from ``q_tau`` to EOS or each row's cap,
 recording ``l``, ``g`` and ``H`` per token — in lock-step over equal-length rows (with teacher
 forcing) or over ragged rows (finished rows parked out of the batch). Both are requests to the
-decode engine (:mod:`tiltsample.decode_engine`) with the MH proposal law."""
+decode engine (:mod:`tiltsample.decode_engine`) with the MH proposal law.
+
+On a rollout-level session (:class:`~tiltsample.policy.RolloutSession`, a serving engine such as
+vLLM) the request carries the same law as a plain :func:`~tiltsample.token_laws.tempered_law`
+(``support="full"`` is ``softmax(log p / tau)``, which such an engine samples natively;
+``support="top_k"`` is refused with a ``ValueError`` naming the option) and asks for entropies
+only when the cut law reads them (``cut="entropy_jump"``); otherwise ``H`` is recorded as 0."""
 
 from __future__ import annotations
 
@@ -11,11 +17,12 @@ import torch
 from torch import Tensor
 
 from tiltsample.decode_engine import Decoded, DecodeRequest, Parking, decode
-from tiltsample.policy import DecodeSession
+from tiltsample.policy import DecodeSession, RolloutSession
 from tiltsample.samplers.mh.config import MHConfig
 from tiltsample.samplers.mh.laws import proposal_law
+from tiltsample.token_laws import Law, tempered_law
 
-__all__ = ["Slot", "Suffix", "decode_ragged", "decode_rows", "empty_suffix"]
+__all__ = ["Slot", "Suffix", "decode_ragged", "decode_rows", "empty_suffix", "engine_law"]
 
 
 class Suffix(NamedTuple):
@@ -80,8 +87,9 @@ def decode_rows(
     rows = session.batch_size
     if rows == 0:
         return empty_suffix(0)
+    law, record = engine_law(session, config)
     request = DecodeRequest(
-        law=proposal_law(config),
+        law=law,
         eos_id=eos_id,
         start=session.length if start is None else start,
         cap=caps,
@@ -89,7 +97,7 @@ def decode_rows(
         forced=forced,
         forced_until=forced_until,
         hard_cap=hard_cap,
-        record_entropy=True,
+        record_entropy=record,
     )
     decoded, _ = decode(session, generator, request)
     return _suffix(decoded)
@@ -122,23 +130,43 @@ def decode_ragged(
     rows = session.batch_size
     if rows == 0:
         return empty_suffix(0), session
+    law, record = engine_law(session, config)
     request = DecodeRequest(
-        law=proposal_law(config),
+        law=law,
         eos_id=eos_id,
         start=start,
         cap=caps,
         force_eos=force_eos,
         hard_cap=hard_cap,
-        record_entropy=True,
+        record_entropy=record,
         parking=Parking(shrink_below, min_rows),
     )
     decoded, session = decode(session, generator, request)
     return _suffix(decoded), session
 
 
+def engine_law(session: DecodeSession, config: MHConfig) -> tuple[Law, bool]:
+    """The law of the decode request for ``config`` on ``session`` and whether to record
+    entropies: :func:`proposal_law` with entropies on a token-level session; on a
+    :class:`~tiltsample.policy.RolloutSession` the same law as a plain tempered law, with
+    entropies only for ``cut="entropy_jump"`` (``ValueError`` for ``support="top_k"``)."""
+    if not isinstance(session, RolloutSession):
+        return proposal_law(config), True
+    if config.support != "full":
+        raise ValueError(
+            f"support={config.support!r} restricts the proposal to the top_k tokens with the "
+            "entropy of p on that support, which needs token-level access; a rollout-level "
+            "backend (vLLM) samples full-vocabulary tempered laws only: use support='full' or "
+            "the transformers backend"
+        )
+    needs = config.cut == "entropy_jump"
+    return tempered_law(config.proposal_temperature, with_entropy=needs), needs
+
+
 def _suffix(decoded: Decoded) -> Suffix:
     entropy = decoded.token_entropy
-    assert entropy is not None
+    if entropy is None:  # not asked for (a rollout-level session with cut="uniform")
+        entropy = torch.zeros_like(decoded.token_log_p)
     return Suffix(
         decoded.tokens,
         decoded.token_log_p,

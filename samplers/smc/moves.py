@@ -12,37 +12,23 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from tiltsample.decoding import entropy, rows_to_seqs
+from tiltsample.decoding import rows_to_seqs
 from tiltsample.policy import DecodeSession
 from tiltsample.samplers.mh import cut_log_probs
 from tiltsample.samplers.smc.config import SMCConfig
-from tiltsample.samplers.smc.numerics import tempered
 from tiltsample.samplers.smc.proposals import prefix_potential
+from tiltsample.samplers.smc.regeneration import (
+    Suffix,
+    gather_move_log_q,
+    move_log_q,
+    regenerate,
+)
 from tiltsample.samplers.smc.state import ParticleRows
 from tiltsample.target import TiltedTarget
 from tiltsample.token_laws import draw_tokens
 from tiltsample.types import Cost
 
 __all__ = ["gather_move_log_q", "move", "move_log_q", "move_particles"]
-
-
-def move_log_q(logp_all: Tensor, temperature: float, eos: int) -> Tensor:
-    """``log q'`` ``[B, V]`` of the moves' proposal: ``p_ref`` at ``temperature`` with EOS removed
-    and the rest renormalised (rows where only EOS is possible are all ``-inf``).
-
-    A move keeps an unfinished particle unfinished, so it regenerates from this law; the stored
-    ``tok_log_q_move`` holds it for every token of an unfinished prefix (the reverse move).
-    """
-    log_q = tempered(logp_all, temperature).clone()
-    log_q[:, eos] = -math.inf
-    total = torch.logsumexp(log_q, dim=1, keepdim=True)
-    return torch.where(torch.isfinite(total), log_q - total, torch.full_like(log_q, -math.inf))
-
-
-def gather_move_log_q(logp_all: Tensor, tok: Tensor, temperature: float, eos: int) -> Tensor:
-    """``log q'(tok)`` per row (0 for EOS, which a move never proposes)."""
-    lq = move_log_q(logp_all, temperature, eos).gather(1, tok[:, None]).squeeze(1)
-    return torch.where(tok == eos, torch.zeros_like(lq), lq)
 
 
 class _Proposal(NamedTuple):
@@ -146,59 +132,6 @@ def move(
     return rows, cost, n_acc, int(idx.numel())
 
 
-class _Suffix(NamedTuple):
-    """Regenerated suffixes ``x'_{j:t}`` of a batch of rows (all cut at ``j``)."""
-
-    twin: DecodeSession
-    """A fork of the session holding the proposals (rows in batch order)."""
-    tokens: Tensor
-    """``[a, t - j]`` proposed tokens (never EOS)."""
-    log_p: Tensor
-    log_q: Tensor
-    entropy: Tensor
-    """``[a, t - j]`` per-token ``log p_ref``, ``log q'`` and entropy."""
-    stuck: Tensor
-    """``[a]`` bool: the proposal reached a prefix where only EOS is possible (rejected)."""
-
-
-def _regenerate(
-    config: SMCConfig,
-    target: TiltedTarget,
-    session: DecodeSession,
-    active: Tensor,
-    j: int,
-    generator: torch.Generator,
-) -> _Suffix:
-    """Draw ``x'_{j:t}`` from the EOS-free proposal ``q'`` for the rows ``active`` in a fork of
-    ``session`` cut back to ``j`` (the session itself is left as it is)."""
-    eos = target.eos_id
-    t = session.length
-    a, width = active.numel(), t - j
-    f64 = torch.float64
-    twin = session.fork()
-    twin.select(active)
-    twin.truncate(width)
-    suffix = torch.empty((a, width), dtype=torch.long)
-    new_lp = torch.zeros((a, width), dtype=f64)
-    new_lq = torch.zeros((a, width), dtype=f64)
-    new_h = torch.zeros((a, width), dtype=f64)
-    stuck = torch.zeros(a, dtype=torch.bool)
-    for s in range(width):
-        logp_all = twin.logprobs().to(f64)
-        law = move_log_q(logp_all, config.move_tau, eos)
-        ok = torch.isfinite(law).any(dim=1)
-        stuck |= ~ok
-        fallback = torch.full_like(law, -math.inf)
-        fallback[:, (eos + 1) % law.shape[1]] = 0.0  # any non-EOS token: the row is rejected
-        tok = draw_tokens(generator, torch.where(ok[:, None], law, fallback))
-        suffix[:, s] = tok
-        new_lp[:, s] = logp_all.gather(1, tok[:, None]).squeeze(1)
-        new_lq[:, s] = torch.where(ok, law.gather(1, tok[:, None]).squeeze(1), 0.0)
-        new_h[:, s] = entropy(logp_all)
-        twin.extend(tok)
-    return _Suffix(twin, suffix, new_lp, new_lq, new_h, stuck)
-
-
 def _proposal_potential(
     config: SMCConfig,
     target: TiltedTarget,
@@ -206,7 +139,7 @@ def _proposal_potential(
     rows: ParticleRows,
     active: Tensor,
     j: int,
-    sfx: _Suffix,
+    sfx: Suffix,
     generator: torch.Generator,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Cost]:
     """The proposals' potential ``[a]``: a fresh twist, or the fully adapted potential with its
@@ -260,7 +193,7 @@ def _log_acceptance(
     active: Tensor,
     j: int,
     t: int,
-    sfx: _Suffix,
+    sfx: Suffix,
     phi_new: Tensor,
     log_cut_old: Tensor | None,
 ) -> Tensor:
@@ -311,9 +244,9 @@ def _propose(
     cancels). A proposal that reaches a prefix where only EOS is possible is rejected.
     """
     t = session.length
-    a, width = active.numel(), t - j
-    sfx = _regenerate(config, target, session, active, j, generator)
-    cost = Cost(generated_tokens=a * width)
+    a = active.numel()
+    sfx = regenerate(session, active, j, config.move_tau, target.eos_id, generator)
+    cost = Cost(generated_tokens=sfx.generated)
     phi_new, pend_new, pend_rew_new, c = _proposal_potential(
         config, target, session, rows, active, j, sfx, generator
     )

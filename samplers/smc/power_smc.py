@@ -23,6 +23,14 @@ Exponent bridging
     full tilt ``G``: the final target is unchanged.
 Exactness
     As SMC: ``E[Ẑ] = Z_alpha``, consistent with bias ``O(1/N)``.
+Rollout level
+    On a rollout-level session (a serving engine, :class:`~tiltsample.policy.RolloutSession`)
+    each block is one decode request from ``q_tau``, ``tau = 1/alpha_{t+1}`` for a block starting
+    at length ``t``, and the weight is computed *after* the draw from the tokens' ``log p`` and
+    ``log q`` (``sum_block (log p - log q) + log psi_new - log psi_old``, which for the power
+    factor is ``sum_block log Z_t``, the same value; resampling then follows the draw instead of
+    preceding it). Exact as well (:mod:`~tiltsample.samplers.smc.rollout_block`);
+    ``num_moves > 0`` is refused there.
 Cost per token
     One batched model call (the twist is free: it reuses ``log p_ref``), no reward call for a pure
     power target; one per EOS child and tilt term otherwise. Paper: 1.4–3.3× the latency of base
@@ -78,6 +86,20 @@ class PowerRampTwist(Twist):
             return alpha - 1.0
         frac = min(length / self.ramp_steps, 1.0)
         return self.ramp_start + (alpha - self.ramp_start) * frac - 1.0
+
+    def proposal_temperature(self, target: TiltedTarget, length: int) -> float:
+        """``tau = 1 / alpha_t`` (``t = length``): the temperature of the locally optimal proposal
+        ``q(v | s) ∝ p(v | s) psi(s + v) ∝ p(v | s)^{alpha_t}`` of the token that makes a prefix
+        of length ``t`` (away from completion). The rollout level draws its blocks from it
+        (:class:`~tiltsample.samplers.smc.rollout_block.TemperedProposalTwist`); ``ValueError``
+        when ``alpha_t <= 0`` (no temperature expresses it)."""
+        alpha_t = 1.0 + self.exponent(target, length)
+        if not alpha_t > 0.0:
+            raise ValueError(
+                f"the power proposal p^alpha_t needs alpha_t > 0 to be a tempered law, got "
+                f"alpha_t={alpha_t} at length {length} (alpha, ramp_start={self.ramp_start})"
+            )
+        return 1.0 / alpha_t
 
     def _apply(self, exponents: Tensor, log_reference: Tensor) -> Tensor:
         return torch.where(torch.isneginf(log_reference), log_reference, exponents * log_reference)

@@ -1,7 +1,11 @@
 r"""One SMC block step (``specs/smc.md`` §4): extend every unfinished particle by up to ``B``
 tokens from the proposal, reweight (the true tilt on completion, the stored twist otherwise, or
 the fully adapted increment of the optimal proposal), resample each run whose ESS fell below the
-threshold, then apply the resample-move schedule."""
+threshold, then apply the resample-move schedule.
+
+On a :class:`~tiltsample.policy.RolloutSession` (a serving engine) the extension is one decode
+request per block (:mod:`~tiltsample.samplers.smc.rollout_block`; configurations that need full
+next-token laws are refused there); the reweighting and resampling are the same."""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from torch import Tensor
 
 from tiltsample.decode_engine import Step, decode_step
 from tiltsample.decoding import entropy
+from tiltsample.policy import RolloutSession
 from tiltsample.samplers.smc.config import SMCConfig
 from tiltsample.samplers.smc.moves import gather_move_log_q, move_particles
 from tiltsample.samplers.smc.numerics import (
@@ -25,6 +30,7 @@ from tiltsample.samplers.smc.numerics import (
 )
 from tiltsample.samplers.smc.proposals import adapt, twist_values
 from tiltsample.samplers.smc.resampling import batched_resample, conditional_resample, ess_rows
+from tiltsample.samplers.smc.rollout_block import rollout_extend
 from tiltsample.samplers.smc.state import ParticleRows, SMCInfo, SMCState, with_rows
 from tiltsample.token_laws import TokenLaw, draw_tokens
 from tiltsample.types import Cost
@@ -169,14 +175,16 @@ def _reweight(
     live0: Tensor,
     inc: Tensor,
     generator: torch.Generator,
+    *,
+    adapted: bool,
 ) -> Cost:
-    """The block's weight update of the rows unfinished before it (``live0``): reference proposal,
-    ``inc + log psi_new - log psi_old`` with ``psi_new = G`` on completion and a fresh twist
-    otherwise; optimal proposal, the next token's fully adapted increment (known before it is
-    drawn)."""
+    """The block's weight update of the rows unfinished before it (``live0``): reference proposal
+    (and every rollout-level block, ``adapted=False``), ``inc + log psi_new - log psi_old`` with
+    ``psi_new = G`` on completion and a fresh twist otherwise; token-level optimal proposal
+    (``adapted=True``), the next token's fully adapted increment (known before it is drawn)."""
     target, session = state.target, state.session
     eos = target.eos_id
-    if config.proposal == "optimal":
+    if adapted:
         if not bool((~rows.finished).any()):
             return Cost()
         logp_all = session.logprobs().to(torch.float64)
@@ -264,15 +272,22 @@ def block_step(
     session_before = session.cost
     rows = ParticleRows(state)
     live0 = ~rows.finished
-    block = _Block(rows)
-    for _ in range(config.block_size):
-        if not bool((~rows.finished).any()):
-            break
-        _extend(config, state, rows, block, generator)
-    rows.tok_log_p = torch.cat(block.tok_lp, dim=1)
-    rows.tok_log_q_move = torch.cat(block.tok_lq, dim=1)
-    rows.tok_entropy = torch.cat(block.tok_h, dim=1)
-    cost = block.cost + _reweight(config, state, rows, live0, block.inc, generator)
+    rollout = isinstance(session, RolloutSession)
+    if rollout:  # one decode request for the block (refuses what needs full laws)
+        ext = rollout_extend(config, state, rows, generator)
+        inc, generated, cost = ext.inc, ext.generated, Cost()
+    else:
+        block = _Block(rows)
+        for _ in range(config.block_size):
+            if not bool((~rows.finished).any()):
+                break
+            _extend(config, state, rows, block, generator)
+        rows.tok_log_p = torch.cat(block.tok_lp, dim=1)
+        rows.tok_log_q_move = torch.cat(block.tok_lq, dim=1)
+        rows.tok_entropy = torch.cat(block.tok_h, dim=1)
+        inc, generated, cost = block.inc, block.generated, block.cost
+    adapted = config.proposal == "optimal" and not rollout
+    cost = cost + _reweight(config, state, rows, live0, inc, generator, adapted=adapted)
     res = resample_runs(config, state, rows, generator)
     accepted = proposed = 0
     if config.num_moves and state.reference is None:
@@ -282,7 +297,7 @@ def block_step(
             config, state.target, session, rows, config.num_moves, generator
         )
         cost = cost + c
-    cost = cost + Cost(generated_tokens=block.generated) + cost_delta(session.cost, session_before)
+    cost = cost + Cost(generated_tokens=generated) + cost_delta(session.cost, session_before)
     new_state = with_rows(state, rows, cost, accepted, proposed)._replace(
         log_z=res.log_z,
         steps=state.steps + 1,

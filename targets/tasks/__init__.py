@@ -73,6 +73,7 @@ __all__ = [
     "held_out_problems",
     "load_diffusion_policy",
     "load_policy",
+    "load_policy_from",
     "model_path",
     "problem_target",
     "reference_answer_text",
@@ -129,8 +130,13 @@ def load_policy(name: str = DEFAULT_AR, *, device: Any = None, dtype: Any = None
     :class:`~tiltsample.targets.hf.HFPolicy`. Cached per process and placement: policies are
     read-only, so sharing one is safe.
     """
-    path = str(model_path(name))
-    return _load_ar(path, *check_placement(device, dtype))
+    return load_policy_from(model_path(name), device=device, dtype=dtype)
+
+
+def load_policy_from(path: str | Path, *, device: Any = None, dtype: Any = None) -> Any:
+    """A causal LM folder as an :class:`~tiltsample.targets.hf.HFPolicy`, cached per process,
+    folder and placement like :func:`load_policy` (whose shipped models it loads by name)."""
+    return _load_ar(str(path), *check_placement(device, dtype))
 
 
 def load_diffusion_policy(

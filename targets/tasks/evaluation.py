@@ -1,8 +1,10 @@
 """Evaluation of a tiny task model: accuracy at temperature 1, greedy accuracy and pass@k.
 
-The samplers here are the training script's own fast loops (a KV-cached one for the causal LM,
-the drawn-confidence one for the masked-diffusion LM), batched over problems of equal prompt
-length. Re-exported by :mod:`tiltsample.targets.tasks.train`.
+The causal LM decodes through the library's decode engine (a KV-cached
+:class:`~tiltsample.targets.hf.HFSession` per group of problems of equal prompt length); the
+masked-diffusion LM uses the training script's own drawn-confidence loop (the same sampler as
+:meth:`~tiltsample.targets.hf.HFMaskedDiffusionPolicy.denoise_step`, batched). Re-exported by
+:mod:`tiltsample.targets.tasks.train`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch import Tensor
+
+from tiltsample.decode_engine import DecodeRequest, decode
+from tiltsample.decoding import rows_to_seqs
+from tiltsample.token_laws import TokenLaw, tempered_law
 
 from .arithmetic import Problem, extract_answer_ids
 from .tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID
@@ -27,6 +34,12 @@ def _group_by_prompt_length(problems: Sequence[Problem]) -> list[list[int]]:
     return [groups[k] for k in sorted(groups)]
 
 
+def _greedy_law(log_p: Tensor) -> TokenLaw:
+    """A point mass on the most likely token (the first of tied ones): greedy decoding."""
+    top = torch.argmax(log_p, dim=-1, keepdim=True)
+    return TokenLaw(torch.full_like(log_p, -math.inf).scatter(1, top, 0.0), log_p)
+
+
 @torch.no_grad()
 def _ar_samples(
     model: Any,
@@ -36,34 +49,35 @@ def _ar_samples(
     gen: torch.Generator,
     max_new: int,
 ) -> list[list[tuple[int, ...]]]:
-    """``num`` responses per problem, batched over problems of equal prompt length."""
-    from tiltsample.targets.hf import compat
+    """``num`` responses per problem, at most ``max_new`` tokens each, decoded by the decode
+    engine (:func:`~tiltsample.decode_engine.decode`) on a KV-cached session of the model: one
+    session and one decode per group of problems of equal prompt length (groups in order of
+    prompt length, ``num`` rows per problem), full-vocabulary draws from
+    ``softmax(log p / temperature)`` with ``gen``, or greedy (``temperature = 0``: ``gen`` is not
+    used). The model's train/eval mode is left as it was."""
+    from tiltsample.targets.hf import HFPolicy
 
+    training = bool(getattr(model, "training", False))
+    policy = HFPolicy(model, eos_id=EOS_ID, bos_id=BOS_ID)  # puts the model in eval mode
+    greedy = temperature == 0.0
+    request = DecodeRequest(
+        law=_greedy_law if greedy else tempered_law(temperature),
+        eos_id=EOS_ID,
+        start=0,
+        cap=max_new,
+    )
     out: list[list[tuple[int, ...]]] = [[] for _ in problems]
-    for group in _group_by_prompt_length(problems):
-        ctx = torch.tensor([problems[i].prompt_ids() for i in group]).repeat_interleave(num, 0)
-        cache = compat.new_dynamic_cache()
-        with_cache = compat.forward_cache_kwargs(model, cache)
-        logits = model(input_ids=ctx, **with_cache).logits[:, -1]
-        rows = ctx.shape[0]
-        toks = torch.zeros((rows, 0), dtype=torch.long)
-        live = torch.ones(rows, dtype=torch.bool)
-        for _ in range(max_new):
-            lp = torch.log_softmax(logits.to(torch.float64), dim=-1)
-            if temperature == 0.0:
-                tok = torch.argmax(lp, dim=-1)
-            else:
-                tok = torch.multinomial(torch.softmax(lp / temperature, -1), 1, generator=gen)[:, 0]
-            tok = torch.where(live, tok, torch.full_like(tok, EOS_ID))
-            toks = torch.cat([toks, tok[:, None]], dim=1)
-            live = live & (tok != EOS_ID)
-            if not bool(live.any()):
-                break
-            logits = model(input_ids=tok[:, None], **with_cache).logits[:, -1]
-        for r, row in enumerate(toks.tolist()):
-            if EOS_ID in row:
-                row = row[: row.index(EOS_ID) + 1]
-            out[group[r // num]].append(tuple(row))
+    try:
+        for group in _group_by_prompt_length(problems):
+            prompts = [problems[i].prompt_ids() for i in group]
+            session = policy.session_multi(prompts, [num] * len(group))
+            # a point mass needs no randomness: greedy draws leave the caller's generator alone
+            draws = torch.Generator() if greedy else gen
+            decoded, _ = decode(session, draws, request)
+            for r, row in enumerate(rows_to_seqs(decoded.tokens, EOS_ID)):
+                out[group[r // num]].append(row)
+    finally:
+        model.train(training)
     return out
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tiltsample.app.cli import main
-from tiltsample.app.store import RunFile
+from tiltsample.run_store import RunFile
 from tiltsample.seeds import chunk_seed
 
 

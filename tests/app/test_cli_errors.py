@@ -151,6 +151,28 @@ CASES: list[tuple[str, list[str], list[str]]] = [
         ["dup.jsonl", "line 4", "duplicate record"],
     ),
     ("unrecognised flag", ["sample", "exact", "--bogus"], ["unrecognized arguments", "--bogus"]),
+    # ---- sample with a model (refused before the model is loaded)
+    (
+        "sample --engine without --model",
+        ["sample", "power", "--engine", "vllm"],
+        ["--engine", "only with --model"],
+    ),
+    ("sample --lam without --model", ["sample", "power", "--lam", "0.5"], ["--lam", "--model"]),
+    (
+        "sample --model unknown",
+        ["sample", "power", "--model", "nope"],
+        ["model", "arith-ar", "nope"],
+    ),
+    (
+        "sample --model with --target",
+        ["sample", "power", "--model", "arith-ar", "--target", "tabular"],
+        ["--target", "not with --model"],
+    ),
+    (
+        "sample --model --engine vllm --device",
+        ["sample", "power", "--model", "arith-ar", "--engine", "vllm", "--device", "cpu"],
+        ["device", "CUDA_VISIBLE_DEVICES"],
+    ),
     # ---- compare (all refused before the model is loaded)
     ("compare --problems 0", ["compare", "--problems", "0"], ["--problems", ">= 1"]),
     ("compare --repeats 0", ["compare", "--repeats", "0"], ["--repeats", ">= 1"]),
@@ -171,6 +193,12 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("compare --profile", ["compare", "--profile", "huge"], ["--profile", "'huge'", "demo"]),
     ("compare --device", ["compare", "--device", "tpu"], ["--device", "'tpu'", "cpu", "cuda"]),
     ("compare --dtype", ["compare", "--dtype", "int8"], ["--dtype", "'int8'", "bf16", "float32"]),
+    ("compare --engine", ["compare", "--engine", "tgi"], ["--engine", "'tgi'", "vllm"]),
+    (
+        "compare --engine vllm --device",
+        ["compare", "--engine", "vllm", "--device", "cpu"],
+        ["device", "CUDA_VISIBLE_DEVICES", "engine 'hf'"],
+    ),
     ("compare --out is a file", ["compare", "--out", "{tmp}/file.txt"], ["--out", "is a file"]),
     (
         "compare --out in a missing folder",

@@ -115,7 +115,7 @@ def test_killed_driver_resumes_without_loss_or_duplicates(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from tiltsample.app.store import RunFile
+    from tiltsample.run_store import RunFile
 
     real = RunFile.write_chunk
     written = {"n": 0}
@@ -180,15 +180,16 @@ def test_verify_on_ray_gives_the_serial_cells(
     serial = run_verify("quick", tmp_path / "serial", only=only, progress=False)
 
     def cached_only(self: CellCache, key: str, run: Any) -> Any:
-        assert key in self._values, f"cell {key} ran in the driver, not on Ray"
-        return self._values[key]
+        assert key in self, f"cell {key} ran in the driver, not on Ray"
+        return self[key]
 
     monkeypatch.setattr(CellCache, "get_or_run", cached_only)  # the experiments' real pass
     dist = run_verify("quick", tmp_path / "ray", only=only, progress=False, backend=RAY)
 
     def cells(folder: Path) -> dict[str, Any]:
         path = folder / "quick" / "cells.jsonl"
-        items = [json.loads(line) for line in path.read_text().splitlines()]
+        header, *items = [json.loads(line) for line in path.read_text().splitlines()]
+        assert header == {"header": {"kind": "tiltsample-verify", "profile": "quick"}}
         assert len(items) == len({i["cell"] for i in items}), "a duplicated cell"
         return {i["cell"]: i["value"] for i in items}
 

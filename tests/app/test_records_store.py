@@ -3,6 +3,8 @@
 A run file is header, then per chunk its numbered records and a completion line. Resuming drops
 a torn last line and an unfinished chunk (a run killed mid-write) but refuses — naming the file
 and the line — a duplicated or reordered line, so a rerun can never report 2,001 draws for 2,000.
+A cell file (the keyed mode ``verify`` uses) is header, then one self-contained line per cell, with
+the same rules.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 import pytest
 
 from tiltsample.app.cli import main
-from tiltsample.app.store import RunFile, RunFileError
+from tiltsample.run_store import CellStore, RunFile, RunFileError
 
 HEADER: dict[str, Any] = {"run": "test", "n": 6}
 SIZES = [2, 2, 2]
@@ -202,6 +204,136 @@ def test_write_chunk_checks_its_input(tmp_path: Path) -> None:
     run.write_chunk(0, [{}, {}], {})
     with pytest.raises(ValueError, match="already written"):
         run.write_chunk(0, [{}, {}], {})
+
+
+# --------------------------------------------------------------------------- keyed cells
+CELLS: dict[str, Any] = {"e:1": 0.5, "e:0": [1, 2.25], "f:{}": {"tv": 1e-4, "nan": "inf"}}
+
+
+def _cells(path: Path, keys: list[str] | None = None) -> CellStore:
+    store = CellStore(path, HEADER)
+    for key in CELLS if keys is None else keys:
+        store.put(key, CELLS[key])
+    return store
+
+
+def _cells_refused(path: Path, match: str, line: int) -> None:
+    before = path.read_text()
+    with pytest.raises(RunFileError, match=match) as info:
+        CellStore(path, HEADER)
+    assert info.value.path == path and info.value.line == line
+    assert f"{path}, line {line}" in str(info.value)
+    assert path.read_text() == before  # a refused file is left exactly as it was
+
+
+def test_cells_are_one_line_each_after_a_header(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "cells.jsonl"
+    store = _cells(path)
+    items = [json.loads(line) for line in _lines(path)]
+    assert items[0] == {"header": HEADER}
+    assert items[1:] == [{"cell": k, "value": v} for k, v in CELLS.items()]
+    text = path.read_text()
+    again = CellStore(path, HEADER)
+    assert len(again) == len(store) == 3 and again.keys() == list(CELLS)
+    assert all(again[k] == v for k, v in CELLS.items())
+    assert path.read_text() == text  # the rewrite changes nothing
+    ran: list[str] = []
+    assert again.get_or_run("e:1", lambda: ran.append("e:1")) == 0.5 and not ran
+    assert again.get_or_run("g:2", lambda: 7) == 7 and "g:2" in again
+    again.put("g:2", 8)  # a stored cell is left alone
+    assert again["g:2"] == 7 and _lines(path)[-1] == json.dumps({"cell": "g:2", "value": 7})
+
+
+def test_cells_may_complete_in_any_order(tmp_path: Path) -> None:
+    for order in (["f:{}", "e:1", "e:0"], ["e:0", "f:{}", "e:1"]):
+        path = tmp_path / f"{order[0]}.jsonl"
+        _cells(path, order[:2])
+        again = _cells(path, [k for k in order if k not in CellStore(path, HEADER)])
+        assert again.keys() == order and {k: again[k] for k in order} == CELLS
+
+
+def test_cells_truncated_at_every_byte_resume_to_the_same_file(tmp_path: Path) -> None:
+    full = tmp_path / "full.jsonl"
+    _cells(full)
+    data, expected = full.read_bytes(), full.read_text()
+    cut = tmp_path / "cut.jsonl"
+    for n in range(data.index(b"\n") + 1, len(data) + 1):  # the header is written atomically
+        cut.write_bytes(data[:n])
+        store = CellStore(cut, HEADER)
+        done = store.keys()
+        assert done == list(CELLS)[: len(done)], n
+        for key in CELLS:
+            store.get_or_run(key, lambda key=key: CELLS[key])
+        assert cut.read_text() == expected, n
+
+
+def test_a_duplicated_cell_is_refused_with_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "cells.jsonl"
+    _cells(path)
+    lines = _lines(path)
+    _set(path, [*lines, lines[2]])
+    _cells_refused(path, "cell 'e:0' is stored twice \\(first on line 3\\)", 5)
+    other = json.dumps({"cell": "e:0", "value": 9})  # another value: still not a guess
+    _set(path, [*lines[:3], other, *lines[3:]])
+    _cells_refused(path, "cell 'e:0' is stored twice", 4)
+
+
+def test_a_damaged_cell_line_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "cells.jsonl"
+    _cells(path)
+    lines = _lines(path)
+    _set(path, [*lines[:2], lines[2][:12], *lines[3:]])
+    _cells_refused(path, "unreadable line", 3)
+    _set(path, [*lines[:2], "[1]", *lines[3:]])
+    _cells_refused(path, "not a JSON object", 3)
+    _set(path, [*lines[:2], '{"cell": "x"}', *lines[3:]])
+    _cells_refused(path, "not a cell line", 3)
+    _set(path, [*lines[:2], '{"cell": 3, "value": 1}', *lines[3:]])
+    _cells_refused(path, "not a cell line", 3)
+    _set(path, [*lines[:2], lines[0], *lines[3:]])
+    _cells_refused(path, "a second header line", 3)
+
+
+def test_a_cell_file_of_another_run_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "cells.jsonl"
+    _cells(path)
+    before = path.read_text()
+    with pytest.raises(ValueError, match="holds a different run"):
+        CellStore(path, {**HEADER, "n": 7})
+    path.write_text('{"not": "a header"}\n')
+    with pytest.raises(ValueError, match="not a tiltsample cell file \\(no header line\\)"):
+        CellStore(path, HEADER)
+    with pytest.raises(ValueError, match="needs a header"):
+        CellStore(path)
+    path.write_text(before)
+    with pytest.raises(RunFileError, match="line 2: neither a record nor"):
+        RunFile(path, HEADER)  # a cell file is not a run file of chunks
+
+
+def test_a_cell_file_without_header_is_read_and_given_one(tmp_path: Path) -> None:
+    """Files of the former verify cache (cell lines only) keep their cells."""
+    path = tmp_path / "cells.jsonl"
+    _cells(path)
+    legacy = _lines(path)[1:]
+    _set(path, [*legacy, legacy[0][:10]])  # with a torn last line
+    store = CellStore(path, HEADER)
+    assert store.keys() == list(CELLS) and all(store[k] == v for k, v in CELLS.items())
+    assert json.loads(_lines(path)[0]) == {"header": HEADER} and _lines(path)[1:] == legacy
+    _set(path, [*legacy, legacy[1]])
+    _cells_refused(path, "cell 'e:0' is stored twice \\(first on line 2\\)", 4)
+
+
+def test_cells_in_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    store = CellStore()
+    calls: list[int] = []
+    value = (1, 2)  # kept as given, not through JSON
+    assert store.get_or_run("k", lambda: calls.append(1) or value) is value
+    assert store.get_or_run("k", lambda: calls.append(1) or 0) is value and calls == [1]
+    store.put("j", object())  # nothing is serialised in memory
+    assert len(store) == 2 and store.path is None and list(tmp_path.iterdir()) == []
+    with pytest.raises(TypeError, match="must be a str"):
+        store.put(3, 0)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- through the CLI

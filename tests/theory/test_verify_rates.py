@@ -219,3 +219,22 @@ def test_likelihood_ratio_bound_by_bruteforce() -> None:
                     )
                     best = max(best, lr)
     assert likelihood_ratio_bound(target, prop) == pytest.approx(math.exp(best), rel=1e-9)
+
+
+def test_the_planning_pass_reads_the_store_and_runs_nothing(tmp_path: Path) -> None:
+    from tiltsample.theory.rates import verify_header
+    from tiltsample.theory.rates.core import PlanningCache
+
+    path = tmp_path / "cells.jsonl"
+    cache = CellCache(path, verify_header("quick"))
+    cache.put("a:1", 0.25)
+    text = path.read_text()
+    planner = PlanningCache(cache)
+    assert planner.get_or_run("a:1", lambda: 1 / 0) == 0.25 and len(planner) == 1
+    pending = planner.get_or_run("a:2", lambda: 0.5)
+    assert math.isnan(pending) and math.isnan(pending["tv"]) and list(planner.missing) == ["a:2"]
+    assert path.read_text() == text and "a:2" not in cache  # nothing ran, nothing was written
+    planner.put("a:2", 0.5)  # a finished cell goes to the real store
+    assert cache["a:2"] == 0.5 and len(CellCache(path, verify_header("quick"))) == 2
+    with pytest.raises(ValueError, match="different run"):
+        CellCache(path, verify_header("full"))

@@ -1,8 +1,9 @@
 """Rate experiments: each theorem's bound vs the measured error on exact targets.
 
 :func:`run_verify` runs every registered experiment for a profile (``"quick"``: CI, under two
-minutes; ``"full"``: the committed report), caches finished cells in ``<out>/cells.jsonl`` (a rerun
-resumes), writes one PNG per experiment and ``<out>/report.md`` (result | bound | measured | rate |
+minutes; ``"full"``: the committed report), stores finished cells in ``<out>/<profile>/cells.jsonl``
+(a :class:`~tiltsample.run_store.CellStore` whose header is :func:`verify_header`; a rerun resumes),
+writes one PNG per experiment and ``<out>/<profile>/report.md`` (result | bound | measured | rate |
 verdict).
 """
 
@@ -64,7 +65,17 @@ __all__ = [
     "fit_loglog_slope",
     "render_report",
     "run_verify",
+    "verify_header",
 ]
+
+
+def verify_header(profile: str) -> dict[str, Any]:
+    """The header of a verify cell file: what its cells belong to.
+
+    Only the profile: the cell keys name their experiment and parameters, so runs of different
+    ``only`` selections share one file, while a file of another profile is refused.
+    """
+    return {"kind": "tiltsample-verify", "profile": profile}
 
 
 def run_verify(
@@ -102,7 +113,7 @@ def run_verify(
         raise ValueError("docs: the documentation needs every experiment; drop `only`")
     out = Path(out_dir) / profile
     out.mkdir(parents=True, exist_ok=True)
-    cache = CellCache(out / "cells.jsonl")
+    cache = CellCache(out / "cells.jsonl", verify_header(profile))
     cached = len(cache)
     show = sys.stderr.isatty() if progress is None else progress
     start = time.perf_counter()

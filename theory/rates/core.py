@@ -1,16 +1,18 @@
 r"""Machinery of the rate experiments: cached cells, slope fits, results and figures.
 
 An experiment sweeps one parameter; each *cell* (experiment, parameters, seed) is a pure function of
-its arguments, so cells can run in any order or in a process pool, and a finished cell is cached in
-``cells.jsonl`` (appended and flushed one line at a time; a torn last line is ignored), so
-re-running ``tiltsample verify`` resumes without recomputing or duplicating anything.
+its arguments, so cells can run in any order or on Ray, and a finished cell is stored in
+``cells.jsonl``, a keyed cell file of the project's one resumable store
+(:class:`tiltsample.run_store.CellStore`: a header naming the verify profile, then one line per
+cell, appended and flushed as it finishes; a torn last line is dropped, a duplicated or damaged
+line refused), so re-running ``tiltsample verify`` resumes without recomputing or duplicating
+anything.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,47 +20,11 @@ from typing import Any
 
 import numpy as np
 
+from tiltsample.run_store import CellStore
 
-class CellCache:
-    """A JSONL cache ``{"cell": key, "value": ...}`` of finished cells."""
-
-    def __init__(self, path: str | os.PathLike[str] | None) -> None:
-        self.path = None if path is None else Path(path)
-        self._values: dict[str, Any] = {}
-        if self.path is not None and self.path.exists():
-            good: list[str] = []
-            for line in self.path.read_text().splitlines():
-                try:
-                    item = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # torn line of an interrupted run
-                self._values[item["cell"]] = item["value"]
-                good.append(line)
-            # rewrite without torn lines so later appends start on a fresh line
-            self.path.write_text("".join(line + "\n" for line in good))
-
-    def __len__(self) -> int:
-        return len(self._values)
-
-    def get_or_run(self, key: str, run: Callable[[], Any]) -> Any:
-        """The cached value of ``key``, computing and appending it if missing."""
-        if key in self._values:
-            return self._values[key]
-        value = run()
-        self.put(key, value)
-        return value
-
-    def put(self, key: str, value: Any) -> None:
-        """Record a finished cell (appended and flushed; a cell already cached is left alone)."""
-        if key in self._values:
-            return
-        self._values[key] = value
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a") as f:
-                f.write(json.dumps({"cell": key, "value": value}) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+CellCache = CellStore
+"""The cell store of the experiments: :class:`tiltsample.run_store.CellStore` (keyed cells, one
+line each, after a header naming the verify profile; ``None`` as the path keeps them in memory)."""
 
 
 class Pending(float):
@@ -77,26 +43,42 @@ class Pending(float):
         return []
 
 
-class PlanningCache(CellCache):
-    """A view of a :class:`CellCache` that records the cells an experiment asks for and does not
-    run them (they return :class:`Pending`): the planning pass of a distributed run."""
+class PlanningCache(CellStore):
+    """A view of a :class:`~tiltsample.run_store.CellStore` that records the cells an experiment
+    asks for and does not run them (they return :class:`Pending`): the planning pass of a
+    distributed run. It writes nothing; :meth:`put` stores into the viewed store."""
 
-    def __init__(self, cache: CellCache) -> None:
-        self.path = None
-        self._values = cache._values
+    def __init__(self, cache: CellStore) -> None:
+        super().__init__(None)
+        self.cache = cache
         self.missing: dict[str, Callable[[], Any]] = {}
 
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.cache
+
+    def __getitem__(self, key: str) -> Any:
+        return self.cache[key]
+
+    def keys(self) -> list[str]:
+        return self.cache.keys()
+
     def get_or_run(self, key: str, run: Callable[[], Any]) -> Any:
-        if key in self._values:
-            return self._values[key]
+        if key in self.cache:
+            return self.cache[key]
         self.missing.setdefault(key, run)
         return Pending()
 
+    def put(self, key: str, value: Any) -> None:
+        self.cache.put(key, value)
+
 
 def prefetch_cells(
-    experiments: Sequence[Callable[[str, CellCache, Path], Any]],
+    experiments: Sequence[Callable[[str, CellStore, Path], Any]],
     profile: str,
-    cache: CellCache,
+    cache: CellStore,
     backend: Any,
     progress: bool = False,
 ) -> list[str]:

@@ -64,13 +64,23 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from tiltsample.app.store import RunFile
     from tiltsample.driver import sample
     from tiltsample.iid import concat
     from tiltsample.results import SampleSet
+    from tiltsample.run_store import RunFile
     from tiltsample.seeds import chunk_seed
     from tiltsample.types import Cost
 
+    if args.model is not None:
+        from tiltsample.app.model_sample import command
+
+        return command(args)
+    model_only = {"--engine": args.engine, "--device": args.device, "--dtype": args.dtype}
+    model_only.update({"--problems": args.problems, "--lam": args.lam})
+    given = [flag for flag, value in model_only.items() if value is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)}: only with --model (toy targets have no model)")
+    args.target = args.target or "tabular"
     out_path = None if args.out is None else out_file("--out", args.out)
     target_opts = pairs(args.target_opt, "--target-opt")
     params = pairs(args.param, "--param")
@@ -212,6 +222,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         threads=args.threads,
         device=args.device,
         dtype=args.dtype,
+        engine=args.engine or "hf",
         backend=backend,
     )
     print(result.table)
@@ -242,6 +253,29 @@ def _ray_flags(p: argparse.ArgumentParser, what: str) -> None:
         default=None,
         metavar="N",
         help="with --ray: number of workers (default: the cluster's CPUs)",
+    )
+
+
+def _model_flags(p: argparse.ArgumentParser, only: str) -> None:
+    """``--engine``, ``--device``, ``--dtype`` (``only`` prefixes their help)."""
+    p.add_argument(
+        "--engine",
+        choices=["hf", "vllm"],
+        default=None,
+        help=f"{only}the model engine: hf (transformers, default) or vllm (a vLLM engine; "
+        "needs pip install 'tiltsample[vllm]' or vllm on a GPU machine)",
+    )
+    p.add_argument(
+        "--device",
+        type=device_flag("--device"),
+        default=None,
+        help=f"{only}where the model runs with --engine hf: cpu (default), cuda, cuda:N, mps",
+    )
+    p.add_argument(
+        "--dtype",
+        type=dtype_flag("--dtype"),
+        default=None,
+        help=f"{only}model dtype: float32 (default), bfloat16/bf16, float16/fp16, float64",
     )
 
 
@@ -282,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
         "where it stopped (same command line).",
     )
     p_sample.add_argument("sampler", help="registered sampler name (see 'tiltsample list')")
-    p_sample.add_argument("--target", default="tabular", help="toy target name (default: tabular)")
+    p_sample.add_argument("--target", help="toy target name (default: tabular)")
     p_sample.add_argument(
         "--target-opt", action="append", metavar="KEY=VALUE", help="toy target option (repeatable)"
     )
@@ -305,6 +339,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_sample.add_argument("--no-exact", action="store_true", help="skip the exact comparison")
     p_sample.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p_sample.add_argument(
+        "--model",
+        metavar="NAME|PATH",
+        help="sample held-out task problems with this causal LM instead of a toy target: a "
+        "shipped model (arith-ar) or a folder whose tokenizer uses the task's vocabulary",
+    )
+    _model_flags(p_sample, "with --model: ")
+    p_sample.add_argument(
+        "--problems", type=positive, default=None, help="with --model: problems (default 1)"
+    )
+    p_sample.add_argument(
+        "--lam", type=positive_float, default=None, help="with --model: KL coefficient (0.1)"
+    )
     p_sample.set_defaults(func=_cmd_sample)
 
     p_verify = command(
@@ -394,18 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_cmp.add_argument("--seed", type=nonneg, default=0)
     p_cmp.add_argument("--threads", type=positive, default=1, help="torch threads (default 1)")
-    p_cmp.add_argument(
-        "--device",
-        type=device_flag("--device"),
-        default=None,
-        help="where the models run: cpu (default), cuda, cuda:N, mps; samplers stay on the CPU",
-    )
-    p_cmp.add_argument(
-        "--dtype",
-        type=dtype_flag("--dtype"),
-        default=None,
-        help="model dtype: float32 (default), bfloat16/bf16, float16/fp16, float64",
-    )
+    _model_flags(p_cmp, "")
     p_cmp.add_argument("--no-progress", action="store_true")
     _ray_flags(p_cmp, "cells (one worker per model replica)")
     p_cmp.set_defaults(func=_cmd_compare)

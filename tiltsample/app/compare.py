@@ -28,7 +28,7 @@ Samplers (recipes; the ones registered when the run starts are used, others are 
 Optional (by label only): ``dlm-base``, ``dlm-best-of-n``, ``dlm-ets`` and ``dlm-fk-steering`` run
 on the shipped masked-diffusion model ``arith-dlm`` (:data:`DLM_RECIPES`); ``tri-tsmc``: toys only.
 
-Runs are written to a JSONL run file (:class:`~tiltsample.app.store.RunFile`) one cell at a time; an
+Runs are written to a JSONL run file (:class:`~tiltsample.run_store.RunFile`) one cell at a time; an
 interrupted run resumes where it stopped with the same command, without losing or duplicating
 cells. Seeds are *common random numbers*: every sampler gets the same seed
 (:func:`~tiltsample.seeds.chunk_seed` of the run seed, problem and repeat) on a given problem,
@@ -62,6 +62,7 @@ from tiltsample.app.recipes import (
     PROFILES,
     RECIPES,
     RESPONSE_TOKENS,
+    TOKEN_LEVEL,
     Profile,
     Recipe,
     available_recipes,
@@ -76,6 +77,7 @@ __all__ = [
     "PROFILES",
     "RECIPES",
     "RESPONSE_TOKENS",
+    "TOKEN_LEVEL",
     "Cell",
     "CompareResult",
     "Profile",
@@ -184,6 +186,7 @@ class ModelSetup:
     placement: tuple[str, str]
     diffusion: bool
     threads: int | None = None
+    engine: str = "hf"
 
     def __call__(self) -> tuple[Any, Any]:
         from tiltsample.targets import tasks
@@ -191,9 +194,40 @@ class ModelSetup:
         if self.threads is not None:
             torch.set_num_threads(self.threads)
         dev, kind = self.placement
-        policy = tasks._load_ar(self.model_dir, dev, kind)
+        if self.engine == "vllm":
+            from tiltsample.targets.vllm import load_vllm_policy
+
+            policy = load_vllm_policy(self.model_dir, dtype=kind)
+        else:
+            policy = tasks.load_policy_from(self.model_dir, device=dev, dtype=kind)
         dlm = tasks.load_diffusion_policy(device=dev, dtype=kind) if self.diffusion else None
         return policy, dlm
+
+
+ENGINES = ("hf", "vllm")
+"""The model engines of ``compare`` and ``sample``: transformers or a vLLM engine."""
+
+
+def _diffusion_needs_hf(
+    recipes: list[Recipe], skipped: dict[str, str]
+) -> tuple[list[Recipe], dict[str, str]]:
+    """Leave out the masked-diffusion recipes (the vLLM backend serves causal LMs only)."""
+    kept = [r for r in recipes if r.target != "dlm-verifier"]
+    why = "the masked-diffusion model runs on engine 'hf' only"
+    return kept, {**skipped, **{r.label: why for r in recipes if r not in kept}}
+
+
+def _token_level_left_out(
+    recipes: list[Recipe], skipped: dict[str, str], policy: Any
+) -> tuple[list[Recipe], dict[str, str]]:
+    """Leave out the recipes whose sampler needs full next-token laws (:data:`TOKEN_LEVEL`)
+    when ``policy`` cannot return them."""
+    kept = [r for r in recipes if r.name not in TOKEN_LEVEL]
+    why = (
+        "needs full next-token laws; this vLLM engine returns at most "
+        f"{policy.engine.max_logprobs} log-probs per position"
+    )
+    return kept, {**skipped, **{r.label: why for r in recipes if r not in kept}}
 
 
 def cell_seed(seed: int, cell: Cell) -> int:
@@ -370,6 +404,7 @@ def run_compare(
     threads: int | None = 1,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    engine: str = "hf",
     backend: Backend = SERIAL,
 ) -> CompareResult:
     """Run (or resume) a comparison and write ``compare.jsonl``, ``compare.md``, ``compare.png``.
@@ -401,6 +436,12 @@ def run_compare(
         ``"bf16"``), see :class:`~tiltsample.targets.hf.HFPolicy`. Samplers and their generators
         stay on the CPU. A non-default value is part of the run's header, so a run resumes only
         with the same placement.
+    engine
+        ``"hf"`` (default: transformers, :class:`~tiltsample.targets.hf.HFPolicy`) or ``"vllm"``
+        (a vLLM engine started once, :func:`~tiltsample.targets.vllm.load_vllm_policy`; vLLM
+        places the model itself, so ``device`` must be left unset). Recipes that need full
+        next-token laws are left out (``skipped``) when the engine cannot return them; the
+        masked-diffusion recipes need ``"hf"``. A non-default engine is part of the header.
     backend
         Where the cells run (:class:`~tiltsample.executor.Backend`): serially here (default) or
         on Ray, one actor per model replica, each loading the models once. Records are the same
@@ -416,8 +457,8 @@ def run_compare(
 
     from tqdm.auto import tqdm
 
-    from tiltsample.app.store import RunFile
     from tiltsample.executor import run_cells
+    from tiltsample.run_store import RunFile
     from tiltsample.targets import tasks
 
     validation.one_of("profile", profile, list(PROFILES))
@@ -436,24 +477,39 @@ def run_compare(
     validation.non_negative_int("seed", seed)
     if threads is not None:
         validation.positive_int("threads", threads)
+    validation.one_of("engine", engine, ENGINES)
+    if engine == "vllm" and device is not None:
+        raise ValueError(
+            "device: the vLLM engine places the model itself (select GPUs with "
+            "CUDA_VISIBLE_DEVICES); device applies to engine 'hf' only"
+        )
     placement = tasks.check_placement(device, dtype)  # ValueError naming device / dtype
     if samplers is not None and (isinstance(samplers, str) or not samplers):
         raise ValueError(f"samplers must be a non-empty list of recipe labels, got {samplers!r}")
     validation.output_folder("out_dir", out_dir, create_below=Path.cwd())
     out = Path(out_dir)
     recipes, skipped = available_recipes(samplers)
+    if engine == "vllm":
+        recipes, skipped = _diffusion_needs_hf(recipes, skipped)
     if not recipes:
-        raise ValueError("no sampler to compare (none of the requested recipes is registered)")
+        raise ValueError("no sampler to compare (none of the requested recipes can run)")
     model_dir = str(tasks.model_path(tasks.DEFAULT_AR) if model is None else Path(model))
     use_dlm = any(r.target == "dlm-verifier" for r in recipes)
     setup: Callable[[], tuple[Any, Any]]
     if backend.ray:  # the workers load the models; check the folder here, before anything runs
         if not Path(model_dir).is_dir():
             raise ValueError(f"model: {model_dir!r} is not a folder")
-        setup = ModelSetup(str(Path(model_dir).resolve()), placement, use_dlm, threads)
+        setup = ModelSetup(str(Path(model_dir).resolve()), placement, use_dlm, threads, engine)
     else:  # loaded now, so that a bad model fails before the run file is written
-        loaded = ModelSetup(model_dir, placement, use_dlm, None)()
+        loaded = ModelSetup(model_dir, placement, use_dlm, None, engine)()
         setup = lambda: loaded  # noqa: E731
+        if not getattr(loaded[0], "full_vocabulary", True):
+            recipes, skipped = _token_level_left_out(recipes, skipped, loaded[0])
+            if not recipes:
+                raise ValueError(
+                    "no sampler to compare: every requested recipe needs full next-token laws, "
+                    "which this vLLM engine cannot return"
+                )
     problems = tasks.held_out_problems(n_prob, seed=seed)
     cells = plan(recipes, budget_list, n_prob, reps)
     header = {
@@ -474,6 +530,8 @@ def run_compare(
         header["device"] = placement[0]
     if placement[1] != "float32":
         header["dtype"] = placement[1]
+    if engine != "hf":
+        header["engine"] = engine
     run = RunFile(out / "compare.jsonl", header)
     if progress is None:
         progress = sys.stderr.isatty()

@@ -91,6 +91,14 @@ RECIPES: tuple[Recipe, ...] = (
 )
 
 
+TOKEN_LEVEL = frozenset({"beam", "entropy-cut"})
+"""Samplers of the recipes that read full next-token laws (``logprobs()`` ``[B, V]``: beam
+scores every token, entropy-cut MH reads per-token entropies): on an engine that returns only
+rollouts and scores (a vLLM engine with ``max_logprobs < V``) they raise
+:class:`~tiltsample.capabilities.TokenLevelAccessError`, so ``compare`` leaves them out there.
+The vLLM tests check this set against the samplers' behaviour."""
+
+
 DLM_STEPS = 48
 """Denoising steps of the shipped ``arith-dlm`` sampler (one committed token per step)."""
 
