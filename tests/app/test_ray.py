@@ -22,6 +22,8 @@ from tiltsample.executor import SERIAL, Backend, Outcome, run_cells
 
 RAY = Backend(ray=True)
 SAMPLERS = ["ancestral", "best-of-n", "smc"]
+# a local Ray cluster (seconds to start, workers per test): in `make test`, not `make test-fast`
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="session")

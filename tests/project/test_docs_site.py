@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+# the whole mkdocs build (~10 s): in `make test`, not in `make test-fast`
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -34,6 +34,8 @@ from tiltsample.testing import check_sampler
 from tiltsample.token_laws import TemperedLaw, tempered_law
 
 pytest.importorskip("vllm", reason="the vLLM backend tests need vllm (the 'vllm' extra)")
+# one engine start (tens of seconds) for the module: in `make test`, not in `make test-fast`
+pytestmark = pytest.mark.slow
 
 ALPHA = 1e-3  # significance level of every chi-square test below (seeded, so deterministic)
 ATOL = 1e-4  # float32 engine vs float32 transformers, float64 arithmetic on both sides
