@@ -82,6 +82,7 @@ demo: $(STAMP)
 # throughput of plain decoding and of every sampler on the embedded model (ratios within one run)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_hf.py --repeats 5 --batch 64 --out results/bench
+	$(PY) benchmarks/bench_overhead.py --repeats 3 --problems 32 --budget 16 --out results/bench
 
 test: $(STAMP)
 	$(PY) -m pytest -q

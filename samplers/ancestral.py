@@ -15,12 +15,13 @@ Cost per draw
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
 
 from tiltsample import iid, validation
-from tiltsample.proposal import propose
+from tiltsample.proposal import Proposals, propose, propose_many
 from tiltsample.results import SampleSet
 from tiltsample.sampler import SamplingAlgorithm
 from tiltsample.target import TiltedTarget
@@ -45,6 +46,44 @@ def init(
     return iid.init_iid(target, num_samples, batch_size)
 
 
+def draws(props: Proposals, temperature: float) -> SampleSet:
+    """The proposals themselves as unweighted draws (rewards and ``log p_ref`` reported)."""
+    return SampleSet(
+        props.sequences,
+        torch.zeros(len(props.sequences), dtype=torch.float64),
+        props.cost,
+        props.reward,
+        props.log_reference,
+        None,
+        {"law": f"p_ref at temperature {temperature} (not the tilted target)"},
+    )
+
+
+def sample_many(
+    targets: Sequence[TiltedTarget],
+    num_samples: int,
+    generators: Sequence[torch.Generator],
+    *,
+    temperature: float = 1.0,
+) -> list[SampleSet]:
+    """Ancestral draws for several targets at once (same policy and cap, e.g. one per problem)
+    in one multi-prompt session (:func:`~tiltsample.proposal.propose_many`), target ``i``
+    drawing only from ``generators[i]``: its result is the one ``sample("ancestral",
+    targets[i], num_samples, generator=generators[i], temperature=...)`` returns (up to the float
+    differences of a batched forward). Each result's ``cost`` is its own (generated tokens,
+    reward calls); ``meta["joint_cost"]`` is the whole job's, model calls included."""
+    n = validation.positive_int("num_samples", num_samples)
+    temperature = validation.positive_float("temperature", temperature)
+    props, joint = propose_many(targets, generators, n, temperature)
+    out = []
+    for target, prop in zip(targets, props, strict=True):
+        res = result(iid.advance(iid.init_iid(target, n, None), draws(prop, temperature)))
+        params = {"temperature": temperature}
+        res.meta.update({"sampler": "ancestral", "params": params, "joint_cost": joint})
+        out.append(res)
+    return out
+
+
 def build_kernel(temperature: float = 1.0) -> Any:
     """One batch of ancestral draws at ``temperature``."""
     temperature = validation.positive_float("temperature", temperature)
@@ -54,16 +93,7 @@ def build_kernel(temperature: float = 1.0) -> Any:
     ) -> tuple[AncestralState, AncestralInfo]:
         n = iid.next_batch(state)
         props = propose(state.target, generator, n, temperature)
-        part = SampleSet(
-            props.sequences,
-            torch.zeros(n, dtype=torch.float64),
-            props.cost,
-            props.reward,
-            props.log_reference,
-            None,
-            {"law": f"p_ref at temperature {temperature} (not the tilted target)"},
-        )
-        return iid.advance(state, part), AncestralInfo(props.cost, n)
+        return iid.advance(state, draws(props, temperature)), AncestralInfo(props.cost, n)
 
     return step
 

@@ -28,13 +28,14 @@ prompt is encoded once) and ``M`` reward calls per tilt term.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from tiltsample import iid, validation
-from tiltsample.proposal import propose
+from tiltsample.proposal import Proposals, propose, propose_many
 from tiltsample.results import SampleSet, Selection
 from tiltsample.sampler import SamplingAlgorithm
 from tiltsample.target import TiltedTarget
@@ -79,6 +80,36 @@ def selection_probabilities(log_weights: Tensor, log_tilt: Tensor, selection: st
     return torch.nn.functional.one_hot(best, score.shape[1]).to(torch.float64)
 
 
+def select_draws(
+    props: Proposals, n: int, m: int, selection: str, generator: torch.Generator
+) -> tuple[SampleSet, BestOfNInfo]:
+    """``n`` draws, each chosen among its ``m`` candidates of ``props`` (rows ``r·m .. r·m+m-1``)
+    by ``selection`` with one multinomial of ``generator``: the draws, with their selections and
+    ``log_evidence = log mean w`` over all ``n·m`` candidates."""
+    log_w = props.log_weights.view(n, m)
+    probs = selection_probabilities(log_w, props.log_tilt.view(n, m), selection)
+    chosen = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    failed = ~torch.isfinite(log_w).any(dim=1)
+    flat = torch.arange(n) * m + chosen
+    seqs = [props.sequences[i] for i in flat.tolist()]
+    selections = [
+        Selection(tuple(props.sequences[r * m : (r + 1) * m]), probs[r], int(chosen[r]))
+        for r in range(n)
+    ]
+    log_z = float(torch.logsumexp(props.log_weights, 0) - math.log(n * m))
+    part = SampleSet(
+        seqs,
+        torch.where(failed, -math.inf, 0.0).to(torch.float64),
+        props.cost,
+        None if props.reward is None else props.reward[flat],
+        props.log_reference[flat],
+        log_z,
+        {"num_proposals": n * m, "failed": int(failed.sum())},
+        selections,
+    )
+    return part, BestOfNInfo(props.cost, probs, chosen)
+
+
 def build_kernel(num_candidates: int, selection: str = "softmax", temperature: float = 1.0) -> Any:
     """One batch of best-of-N draws."""
     m = validation.positive_int("num_candidates", num_candidates)
@@ -88,28 +119,8 @@ def build_kernel(num_candidates: int, selection: str = "softmax", temperature: f
     def step(generator: torch.Generator, state: BestOfNState) -> tuple[BestOfNState, BestOfNInfo]:
         n = iid.next_batch(state)
         props = propose(state.target, generator, n * m, temperature)
-        log_w = props.log_weights.view(n, m)
-        probs = selection_probabilities(log_w, props.log_tilt.view(n, m), selection)
-        chosen = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        failed = ~torch.isfinite(log_w).any(dim=1)
-        flat = torch.arange(n) * m + chosen
-        seqs = [props.sequences[i] for i in flat.tolist()]
-        selections = [
-            Selection(tuple(props.sequences[r * m : (r + 1) * m]), probs[r], int(chosen[r]))
-            for r in range(n)
-        ]
-        log_z = float(torch.logsumexp(props.log_weights, 0) - math.log(n * m))
-        part = SampleSet(
-            seqs,
-            torch.where(failed, -math.inf, 0.0).to(torch.float64),
-            props.cost,
-            None if props.reward is None else props.reward[flat],
-            props.log_reference[flat],
-            log_z,
-            {"num_proposals": n * m, "failed": int(failed.sum())},
-            selections,
-        )
-        return iid.advance(state, part), BestOfNInfo(props.cost, probs, chosen)
+        part, info = select_draws(props, n, m, selection, generator)
+        return iid.advance(state, part), info
 
     return step
 
@@ -121,6 +132,39 @@ def result(state: BestOfNState) -> SampleSet:
     """All draws; ``meta["failed"]`` counts draws whose candidates all had zero weight."""
     failed = sum(int(p.meta.get("failed", 0)) for p in state.parts)
     return iid.concat(state.parts, {"failed": failed})
+
+
+def sample_many(
+    targets: Sequence[TiltedTarget],
+    num_samples: int,
+    generators: Sequence[torch.Generator],
+    *,
+    num_candidates: int = 8,
+    selection: str = "softmax",
+    temperature: float = 1.0,
+) -> list[SampleSet]:
+    """Best-of-N on several targets at once (same policy and cap, e.g. one per problem): all
+    ``len(targets) · num_samples · num_candidates`` candidates decode in one multi-prompt session
+    (:func:`~tiltsample.proposal.propose_many`), target ``i`` drawing only from
+    ``generators[i]``, so its result is the one ``sample("best-of-n", targets[i], num_samples,
+    generator=generators[i], ...)`` returns (up to the float differences of a batched forward).
+
+    Each result's ``cost`` is its own (generated tokens, reward calls); ``meta["joint_cost"]``
+    holds the cost of the whole job, model calls included (they serve all targets at once).
+    """
+    n = validation.positive_int("num_samples", num_samples)
+    m = validation.positive_int("num_candidates", num_candidates)
+    selection = validation.one_of("selection", selection, SELECTIONS)
+    temperature = validation.positive_float("temperature", temperature)
+    props, joint = propose_many(targets, generators, n * m, temperature)
+    params = {"num_candidates": m, "selection": selection, "temperature": temperature}
+    out = []
+    for target, prop, generator in zip(targets, props, generators, strict=True):
+        part, _ = select_draws(prop, n, m, selection, generator)
+        res = result(iid.advance(iid.init_iid(target, n, None), part))
+        res.meta.update({"sampler": "best-of-n", "params": params, "joint_cost": joint})
+        out.append(res)
+    return out
 
 
 def sampler(

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from tiltsample.policy import DecodeSession, RolloutSession, append_rows, extend_and_score
+from tiltsample.row_generators import RowGenerators
 from tiltsample.token_laws import Law, draw_tokens, inverse_cdf
 
 __all__ = [
@@ -153,7 +154,7 @@ def decode_step(
     forced: Tensor | None = None,
     is_forced: Tensor | None = None,
     hard_cap: int | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | RowGenerators | None = None,
     uniforms: Tensor | None = None,
     record_entropy: bool = False,
 ) -> Step:
@@ -161,8 +162,10 @@ def decode_step(
 
     ``log_p`` ``[R, V]``: the session's temperature-1 log-probs; ``position`` and ``cap`` ``[R]``;
     ``forced`` ``[R]`` the teacher-forced tokens of the rows ``is_forced``. Draws come from
-    ``generator`` (one multinomial over the rows, only if a live row needs a draw) or from the
-    per-row ``uniforms`` (inverse CDF; the caller decides which rows consume one).
+    ``generator`` (one multinomial over the rows, only if a live row needs a draw; with
+    :class:`~tiltsample.row_generators.RowGenerators`, that rule per group of rows with the
+    group's generator) or from the per-row ``uniforms`` (inverse CDF; the caller decides which
+    rows consume one).
     """
     rows = int(live.numel())
     laws = law(log_p.to(torch.float64))
@@ -170,6 +173,8 @@ def decode_step(
     teacher = torch.zeros(rows, dtype=torch.bool) if is_forced is None else is_forced
     if uniforms is not None:
         tok = inverse_cdf(laws.log_q, uniforms)
+    elif isinstance(generator, RowGenerators):  # one stream per group of rows
+        tok = generator.draw(laws.log_q, live & ~teacher & ~at_cap, eos_id)
     elif bool((live & ~teacher & ~at_cap).any()):
         if generator is None:
             raise ValueError("decode_step needs a generator or uniforms to draw from")
@@ -207,7 +212,7 @@ def decode_step(
 
 
 def decode(
-    session: DecodeSession, generator: torch.Generator, request: DecodeRequest
+    session: DecodeSession, generator: torch.Generator | RowGenerators, request: DecodeRequest
 ) -> tuple[Decoded, DecodeSession]:
     """Extend every row of ``session`` as ``request`` says; return the continuations and the
     session holding the extended rows (``session`` itself unless rows were parked: then the
@@ -217,8 +222,18 @@ def decode(
     (``session.decode_rollouts``: same rules, its own draws from ``generator``, no parking) and
     is returned itself; any other session runs the token-level loop below."""
     if isinstance(session, RolloutSession):
+        if isinstance(generator, RowGenerators):
+            raise TypeError(
+                "generator: per-group generators (RowGenerators) are not supported by rollout "
+                "sessions (a serving engine draws per-request seeds from one generator)"
+            )
         native: Decoded = session.decode_rollouts(generator, request)
         return native, session
+    if isinstance(generator, RowGenerators) and generator.num_rows != session.batch_size:
+        raise ValueError(
+            f"generator: the row groups cover {generator.num_rows} rows, the session has "
+            f"{session.batch_size}"
+        )
     rows = session.batch_size
     if rows == 0:
         return _empty(0, request.record_entropy), session
@@ -265,7 +280,9 @@ def decode(
             forced=forced_tok,
             is_forced=is_forced,
             hard_cap=request.hard_cap,
-            generator=generator,
+            generator=generator.subset(members)
+            if isinstance(generator, RowGenerators) and members is not None
+            else generator,
             record_entropy=request.record_entropy,
         )
         session.extend(out.fed)

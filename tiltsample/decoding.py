@@ -29,6 +29,7 @@ from tiltsample.decode_engine import (
     score_continuations,
 )
 from tiltsample.policy import DecodeSession
+from tiltsample.row_generators import RowGenerators
 from tiltsample.token_laws import (
     Law,
     LawValues,
@@ -69,7 +70,7 @@ __all__ = [
 
 def decode_until_complete(
     session: DecodeSession,
-    generator: torch.Generator,
+    generator: torch.Generator | RowGenerators,
     *,
     eos_id: int,
     max_length: int,
@@ -86,7 +87,9 @@ def decode_until_complete(
     session
         Rows to continue; rows that already ended receive EOS padding only.
     generator
-        The caller's generator; nothing else is random.
+        The caller's generator; nothing else is random. Or one generator per group of rows
+        (:class:`~tiltsample.row_generators.RowGenerators`: independent runs batched in one
+        session, each drawing exactly what it draws alone).
     eos_id
         End-of-sequence id.
     max_length

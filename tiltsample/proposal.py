@@ -10,13 +10,15 @@ actually sampled) and the target's log-tilt, so the importance weight towards th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from tiltsample.decoding import decode_until_complete, rows_to_seqs
-from tiltsample.policy import open_session
+from tiltsample.policy import open_session, open_session_multi
+from tiltsample.row_generators import RowGenerators
 from tiltsample.target import TiltedTarget
 from tiltsample.types import Cost, Seq
 
@@ -58,3 +60,64 @@ def propose(
     scores = target.evaluate_tilt(seqs, log_reference=log_p)
     cost = session.cost + Cost(generated_tokens=decoded.generated_tokens) + scores.cost
     return Proposals(seqs, log_p, decoded.log_q, scores.log_tilt, scores.reward, cost)
+
+
+def propose_many(
+    targets: Sequence[TiltedTarget],
+    generators: Sequence[torch.Generator],
+    n: int,
+    temperature: float = 1.0,
+) -> tuple[list[Proposals], Cost]:
+    """:func:`propose` for several targets in one batched session: ``n`` responses per target.
+
+    The targets share the policy, the cap ``L`` and the truncation rule; their prompts (and
+    tilts) may differ. All ``len(targets) · n`` rows decode in one multi-prompt session
+    (:func:`~tiltsample.policy.open_session_multi`: each prompt encoded once), target ``i``'s rows
+    drawing from ``generators[i]`` only (:class:`~tiltsample.row_generators.RowGenerators`), so
+    ``propose_many(ts, gs, n)[0][i]`` holds the responses ``propose(ts[i], gs[i], n)`` draws alone
+    (up to the float differences of a batched forward) and leaves ``gs[i]`` in the same state.
+
+    Returns
+    -------
+    list of Proposals, Cost
+        One :class:`Proposals` per target, whose ``cost`` counts its own generated tokens and
+        reward calls, and the cost of the whole job (the shared model calls and forward tokens
+        included): model calls serve every target at once, so they are not split.
+    """
+    if len(targets) != len(generators) or not targets:
+        raise ValueError(
+            f"targets and generators must be non-empty and of one length, got {len(targets)} "
+            f"targets and {len(generators)} generators"
+        )
+    first = targets[0]
+    for i, t in enumerate(targets):
+        if t.policy is not first.policy:
+            raise ValueError(f"targets[{i}] has another policy: batched targets share one policy")
+        same = (t.max_new_tokens, t.truncation, t.eos_id)
+        if same != (first.max_new_tokens, first.truncation, first.eos_id):
+            raise ValueError(
+                f"targets[{i}] differs from targets[0] in max_new_tokens, truncation or eos_id "
+                "(batched targets share them)"
+            )
+    session = open_session_multi(first.policy, [t.prompt for t in targets], n)
+    decoded = decode_until_complete(
+        session,
+        RowGenerators.of_sizes(generators, [n] * len(targets)),
+        eos_id=first.eos_id,
+        max_length=first.max_new_tokens,
+        temperature=temperature,
+        force_eos_at_cap=first.truncation == "condition",
+    )
+    seqs = rows_to_seqs(decoded.tokens, first.eos_id)
+    out, total = [], session.cost + Cost(generated_tokens=decoded.generated_tokens)
+    for i, t in enumerate(targets):
+        rows = slice(i * n, (i + 1) * n)
+        mine = seqs[rows]
+        log_p = decoded.log_p[rows]
+        scores = t.evaluate_tilt(mine, log_reference=log_p)
+        cost = Cost(generated_tokens=int(decoded.new_lengths[rows].sum())) + scores.cost
+        out.append(
+            Proposals(mine, log_p, decoded.log_q[rows], scores.log_tilt, scores.reward, cost)
+        )
+        total = total + scores.cost
+    return out, total

@@ -172,6 +172,7 @@ def test_demo_profile_end_to_end_and_interrupted_resume(
         "num_problems": 2,
         "budgets": [1, 4],
         "progress": False,
+        "batch_problems": False,  # every cell through run_cell, one at a time
     }
     real = compare.run_cell
     calls = {"n": 0}
@@ -231,3 +232,37 @@ def test_masked_diffusion_recipes(tmp_path: Path) -> None:
         assert 3 * base <= rows[key]["gen_tokens"] <= 6 * base
     header = json.loads((tmp_path / "compare.jsonl").read_text().splitlines()[0])["header"]
     assert header["diffusion_model"] == "arith-dlm"
+
+
+def test_batched_cells_give_the_records_of_cells_run_alone(tmp_path: Path) -> None:
+    """``batch_problems`` (the default) runs the ancestral / best-of-n cells of all problems as
+    one job per (recipe, budget): every record has the response, verdict, generated tokens and
+    reward calls of the cell run alone; the shared model calls are apportioned (fewer in all);
+    an interrupted batched run resumes to the same file as one that ran through."""
+    kw: dict[str, Any] = {
+        "profile": "test",
+        "num_problems": 4,
+        "budgets": [1, 4],
+        "samplers": ["ancestral", "low-temperature", "majority", "best-of-n"],
+        "progress": False,
+    }
+    alone = run_compare(out_dir=tmp_path / "alone", batch_problems=False, **kw)
+    batched = run_compare(out_dir=tmp_path / "batched", **kw)
+    same = ("sampler", "budget", "problem", "repeat", "correct", "answer", "response")
+    same += ("generated_tokens", "reward_calls")
+    assert len(alone.records) == len(batched.records) == 4 * (2 + 2 + 2)
+    for a, b in zip(alone.records, batched.records, strict=True):
+        assert {k: a[k] for k in same} == {k: b[k] for k in same}
+        assert b["batched"] == 4 and "batched" not in a
+    assert batched.cost.model_calls < alone.cost.model_calls
+    assert batched.cost.generated_tokens == alone.cost.generated_tokens
+    # cut the batched run after 10 cells, as a killed run leaves it: the rerun runs the rest
+    path = tmp_path / "batched" / "compare.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    done = [i for i, line in enumerate(lines) if '"chunk_done"' in line]
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "compare.jsonl").write_text("".join(lines[: done[9] + 1]))
+    resumed = run_compare(out_dir=tmp_path / "cut", **kw)
+    assert [{k: r[k] for k in same} for r in resumed.records] == [
+        {k: r[k] for k in same} for r in alone.records
+    ]

@@ -223,6 +223,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         engine=args.engine or "hf",
+        batch_problems=not args.no_batch,
         backend=backend,
     )
     print(result.table)
@@ -442,6 +443,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_cmp.add_argument("--seed", type=nonneg, default=0)
     p_cmp.add_argument("--threads", type=positive, default=1, help="torch threads (default 1)")
     _model_flags(p_cmp, "")
+    p_cmp.add_argument(
+        "--no-batch",
+        action="store_true",
+        help="one cell at a time (default: the cells of ancestral / best-of-n recipes run all "
+        "their problems in one batched job, with the same responses)",
+    )
     p_cmp.add_argument("--no-progress", action="store_true")
     _ray_flags(p_cmp, "cells (one worker per model replica)")
     p_cmp.set_defaults(func=_cmd_compare)

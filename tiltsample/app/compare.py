@@ -44,7 +44,6 @@ units).
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -54,11 +53,21 @@ from typing import Any
 import torch
 
 from tiltsample import validation
+from tiltsample.app.cells import (
+    Cell,
+    cell_record,
+    cell_seed,
+    error_record,
+    plan,
+    run_batched,
+    target_for,
+    units,
+)
+from tiltsample.app.compare_report import markdown_table, plot, summarise, wilson
 from tiltsample.app.recipes import (
     ALL_RECIPES,
     DLM_RECIPES,
     DLM_STEPS,
-    POWER_ALPHA,
     PROFILES,
     RECIPES,
     RESPONSE_TOKENS,
@@ -68,7 +77,7 @@ from tiltsample.app.recipes import (
     available_recipes,
 )
 from tiltsample.executor import SERIAL, Backend
-from tiltsample.types import Cost, Seq
+from tiltsample.types import Cost
 
 __all__ = [
     "ALL_RECIPES",
@@ -94,64 +103,14 @@ __all__ = [
 
 
 # ------------------------------------------------------------------------------------ cells
-@dataclass(frozen=True)
-class Cell:
-    recipe: Recipe
-    budget: int
-    problem: int
-    repeat: int
-    num_samples: int
-    params: dict[str, Any]
-
-
-def plan(
-    recipes: Sequence[Recipe], budgets: Sequence[int], num_problems: int, repeats: int
-) -> list[Cell]:
-    """All cells in run order (recipe, budget, repeat, problem)."""
-    cells = []
-    for r in recipes:
-        for k in budgets:
-            conf = r.configure(k)
-            if conf is None:
-                continue
-            n, params = conf
-            for rep in range(repeats):
-                for p in range(num_problems):
-                    cells.append(Cell(r, k, p, rep, n, params))
-    return cells
-
-
-def _target_for(
-    recipe: Recipe, problem: Any, policy: Any, lam: float, diffusion_policy: Any = None
-) -> Any:
-    from tiltsample.target import TiltedTarget, power_target
-    from tiltsample.targets import tasks
-
-    if recipe.target == "dlm-verifier":
-        if diffusion_policy is None:
-            raise ValueError(f"recipe {recipe.label!r} needs the masked-diffusion policy")
-        return tasks.problem_target(problem, diffusion_policy, lam=lam)
-    base = tasks.problem_target(problem, policy, lam=lam)
-    if recipe.target == "verifier":
-        return base
-    if recipe.target == "self-consistency":
-        return TiltedTarget(
-            policy, tasks.self_consistency(), lam, base.prompt, base.max_new_tokens, meta=base.meta
-        )
-    if recipe.target == "power":
-        return power_target(policy, POWER_ALPHA, base.prompt, base.max_new_tokens)
-    raise ValueError(f"unknown recipe target {recipe.target!r}")
-
-
 def run_cell(
     cell: Cell, problem: Any, policy: Any, lam: float, seed: int, diffusion_policy: Any = None
 ) -> dict[str, Any]:
     """Run one cell; returns its JSON record (the verdict, the response and the cost)."""
     from tiltsample.driver import sample
     from tiltsample.registry import sampler_entry
-    from tiltsample.targets import tasks
 
-    target = _target_for(cell.recipe, problem, policy, lam, diffusion_policy)
+    target = target_for(cell.recipe, problem, policy, lam, diffusion_policy)
     factory = sampler_entry(cell.recipe.name).load()
     gen = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
@@ -160,19 +119,7 @@ def run_cell(
     if len(out) > 1:
         out = out.resample(1, gen)
     seconds = time.perf_counter() - start
-    x: Seq = out.sequences[0]
-    correct = float(tasks.verifier()(target.prompt, [x])[0])
-    return {
-        "sampler": cell.recipe.label,
-        "budget": cell.budget,
-        "problem": cell.problem,
-        "repeat": cell.repeat,
-        "correct": correct,
-        "answer": tasks.answer_text_of_response(x),
-        "response": tasks.decode(x),
-        "seconds": seconds,
-        **out.cost.as_dict(),
-    }
+    return cell_record(cell, target, out, seconds)
 
 
 @dataclass(frozen=True)
@@ -230,152 +177,19 @@ def _token_level_left_out(
     return kept, {**skipped, **{r.label: why for r in recipes if r not in kept}}
 
 
-def cell_seed(seed: int, cell: Cell) -> int:
-    """The seed of a cell: the run seed, the problem and the repeat (common random numbers)."""
-    from tiltsample.seeds import chunk_seed
-
-    return chunk_seed(seed, cell.problem * 10_000 + cell.repeat)
-
-
 def compare_cell(models: tuple[Any, Any], job: tuple[Cell, Any, float, int]) -> dict[str, Any]:
     """One cell on a worker's loaded models: ``job`` is ``(cell, problem, lam, seed)``."""
     cell, problem, lam, seed = job
     return run_cell(cell, problem, models[0], lam, seed, models[1])
 
 
-def error_record(cell: Cell, error: str | None) -> dict[str, Any]:
-    """The record of a cell that raised: its key and the error (one line)."""
-    key = {"sampler": cell.recipe.label, "budget": cell.budget, "problem": cell.problem}
-    return {**key, "repeat": cell.repeat, "error": error}
-
-
-# ------------------------------------------------------------------------------------ summary
-def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of a proportion."""
-    if n == 0:
-        return (math.nan, math.nan)
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
-def summarise(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (sampler, budget): accuracy, CI, mean tokens per problem, time, tokens/s."""
-    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    for r in records:
-        if "error" in r:  # a cell that raised: counted in the notes, not in the table
-            continue
-        groups.setdefault((r["sampler"], int(r["budget"])), []).append(r)
-    order = {rec.label: i for i, rec in enumerate(ALL_RECIPES)}
-    rows = []
-    for (label, budget), recs in sorted(
-        groups.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0][1])
-    ):
-        n = len(recs)
-        per_problem: dict[int, list[float]] = {}
-        for r in recs:
-            per_problem.setdefault(int(r["problem"]), []).append(float(r["correct"]))
-        means = [sum(v) / len(v) for v in per_problem.values()]
-        acc = sum(means) / len(means)
-        if all(len(v) == 1 for v in per_problem.values()):
-            lo, hi = wilson(sum(means), len(means))
-        else:
-            m = len(means)
-            sd = math.sqrt(sum((v - acc) ** 2 for v in means) / max(m - 1, 1))
-            lo, hi = (
-                max(0.0, acc - 1.96 * sd / math.sqrt(m)),
-                min(1.0, acc + 1.96 * sd / math.sqrt(m)),
-            )
-        gen = sum(int(r["generated_tokens"]) for r in recs)
-        fwd = sum(int(r["forward_tokens"]) for r in recs)
-        secs = sum(float(r["seconds"]) for r in recs)
-        rows.append(
-            {
-                "sampler": label,
-                "budget": budget,
-                "runs": n,
-                "accuracy": acc,
-                "ci_low": lo,
-                "ci_high": hi,
-                "gen_tokens": gen / n,
-                "forward_tokens": fwd / n,
-                "seconds": secs / n,
-                "tokens_per_s": gen / secs if secs > 0 else math.nan,
-            }
-        )
-    return rows
-
-
-def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The comparison table in Markdown."""
-    head = (
-        "| sampler | budget | runs | accuracy | 95% CI | gen. tokens / problem | "
-        "forward tokens / problem | wall s / problem | gen. tokens / s |\n"
-        "|---|---:|---:|---:|---|---:|---:|---:|---:|"
-    )
-    lines = [head]
-    for r in rows:
-        lines.append(
-            f"| {r['sampler']} | {r['budget']} | {r['runs']} | {r['accuracy']:.3f} | "
-            f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}] | {r['gen_tokens']:.0f} | "
-            f"{r['forward_tokens']:.0f} | {r['seconds']:.3f} | {r['tokens_per_s']:.0f} |"
-        )
-    return "\n".join(lines)
-
-
-def plot(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> None:
-    """Accuracy (95% interval) against generated tokens per problem, one line per sampler."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8.0, 4.4))
-    cmap = plt.get_cmap("tab20")
-    colors = [cmap(i) for i in range(20)]
-    markers = "osD^v<>pXh*"
-    by: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
-        by.setdefault(r["sampler"], []).append(r)
-    for i, (label, rs) in enumerate(by.items()):
-        rs = sorted(rs, key=lambda r: r["gen_tokens"])
-        x = [r["gen_tokens"] for r in rs]
-        y = [r["accuracy"] for r in rs]
-        err = [
-            [r["accuracy"] - r["ci_low"] for r in rs],
-            [r["ci_high"] - r["accuracy"] for r in rs],
-        ]
-        ax.errorbar(
-            x,
-            y,
-            yerr=err,
-            marker=markers[i % len(markers)],
-            color=colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20],
-            capsize=3,
-            label=label,
-            linestyle="-" if len(rs) > 1 else "none",
-        )
-    ax.set_xscale("log")
-    xs = [r["gen_tokens"] for r in rows if r["gen_tokens"] > 0]
-    if xs:
-        from matplotlib.ticker import NullFormatter
-
-        lo, hi = math.floor(math.log2(min(xs))), math.ceil(math.log2(max(xs)))
-        ax.set_xticks([2.0**e for e in range(lo, hi + 1)])
-        ax.set_xticklabels([str(2**e) for e in range(lo, hi + 1)])
-        ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("generated tokens per problem (measured)")
-    ax.set_ylabel("accuracy (exact match)")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    if title:
-        ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def compare_unit(models: tuple[Any, Any], job: tuple[Any, ...]) -> list[dict[str, Any]]:
+    """One unit of cells (:func:`~tiltsample.app.cells.units`) on a worker's loaded models:
+    ``job`` is ``(cells, problems, lam, seeds)``; one record per cell, in order."""
+    cells, problems, lam, seeds = job
+    if len(cells) == 1:
+        return [compare_cell(models, (cells[0], problems[0], lam, seeds[0]))]
+    return run_batched(cells, problems, models[0], lam, seeds)
 
 
 # ------------------------------------------------------------------------------------ runner
@@ -405,6 +219,7 @@ def run_compare(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     engine: str = "hf",
+    batch_problems: bool = True,
     backend: Backend = SERIAL,
 ) -> CompareResult:
     """Run (or resume) a comparison and write ``compare.jsonl``, ``compare.md``, ``compare.png``.
@@ -442,6 +257,12 @@ def run_compare(
         places the model itself, so ``device`` must be left unset). Recipes that need full
         next-token laws are left out (``skipped``) when the engine cannot return them; the
         masked-diffusion recipes need ``"hf"``. A non-default engine is part of the header.
+    batch_problems
+        Run the cells of one (recipe, budget, repeat) whose sampler can (``ancestral``,
+        ``best-of-n``: :data:`~tiltsample.app.cells.BATCHED`) as one batched job over all their
+        problems (engine ``"hf"``; see :mod:`tiltsample.app.cells`). Each cell's response,
+        verdict, generated tokens and reward calls are those of the cell run alone; the shared
+        model calls, forward tokens and wall time are apportioned. ``False``: one cell at a time.
     backend
         Where the cells run (:class:`~tiltsample.executor.Backend`): serially here (default) or
         on Ray, one actor per model replica, each loading the models once. Records are the same
@@ -544,22 +365,33 @@ def run_compare(
         # common random numbers: every sampler sees the same seed on a given (problem, repeat), so
         # comparisons are paired (and k = 1 variants of one law give the same draw); the seed is
         # the cell's own, whichever worker runs it and whenever
+        groups = units(cells, todo, batch_problems and engine == "hf")
         jobs = [
-            (cells[i], problems[cells[i].problem], lam, cell_seed(seed, cells[i])) for i in todo
+            (
+                tuple(cells[i] for i in g),
+                tuple(problems[cells[i].problem] for i in g),
+                lam,
+                tuple(cell_seed(seed, cells[i]) for i in g),
+            )
+            for g in groups
         ]
         bar = tqdm(total=len(todo), desc="compare", disable=not progress)
-        outcomes = run_cells(compare_cell, jobs, setup=setup, backend=backend)
+        outcomes = run_cells(compare_unit, jobs, setup=setup, backend=backend)
         try:
             for outcome in outcomes:
-                i = todo[outcome.index]
-                cell = cells[i]
+                group = groups[outcome.index]
+                cell = cells[group[0]]
                 bar.set_postfix_str(f"{cell.recipe.label} k={cell.budget}")
-                bar.update()
-                if outcome.lost:  # not written: a rerun runs the cell again
-                    lost.append(f"{cell.recipe.label} k={cell.budget} p={cell.problem}")
+                bar.update(len(group))
+                if outcome.lost:  # not written: a rerun runs the cells again
+                    lost += [
+                        f"{cell.recipe.label} k={cell.budget} p={cells[i].problem}" for i in group
+                    ]
                     continue
-                rec = outcome.value if outcome.ok else error_record(cell, outcome.error)
-                run.write_chunk(i, [rec], {})
+                for k, i in enumerate(group):
+                    ok = outcome.ok
+                    rec = outcome.value[k] if ok else error_record(cells[i], outcome.error)
+                    run.write_chunk(i, [rec], {})
         finally:  # Ctrl-C or a failed write: stop the workers now
             outcomes.close()
             bar.close()

@@ -1,0 +1,176 @@
+"""The cells of ``tiltsample compare``: the plan, each cell's target, seed and record, and the
+batched run of one configuration over many problems.
+
+A *cell* is one recipe at one budget on one problem (and one repeat); its randomness is its own
+seed (:func:`cell_seed`), whatever runs it. :func:`units` groups the cells still to run: the
+cells of one (recipe, budget, repeat) whose sampler can run many problems in one batched job
+(:data:`BATCHED`: ``ancestral`` and ``best-of-n``, through their ``sample_many``) form one unit,
+every other cell is a unit of its own. :func:`run_batched` runs a unit: all its problems' rows in
+one multi-prompt session, problem ``i`` drawing only from its cell's generator
+(:class:`~tiltsample.row_generators.RowGenerators`), so each record holds what the cell run alone
+returns — the same response, verdict, generated tokens and reward calls. Only what the problems
+share is apportioned: the unit's model calls and forward tokens are split over its cells (integer
+shares that add up to the unit's), and each cell's ``seconds`` is the unit's wall time divided by
+its cells; ``"batched"`` says how many cells shared the job.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tiltsample.app.recipes import POWER_ALPHA, Recipe
+from tiltsample.types import Seq
+
+__all__ = [
+    "BATCHED",
+    "Cell",
+    "cell_record",
+    "cell_seed",
+    "error_record",
+    "plan",
+    "run_batched",
+    "target_for",
+    "units",
+]
+
+BATCHED = ("ancestral", "best-of-n")
+"""Samplers whose cells run many problems in one batched job (they have ``sample_many``)."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    recipe: Recipe
+    budget: int
+    problem: int
+    repeat: int
+    num_samples: int
+    params: dict[str, Any]
+
+
+def plan(
+    recipes: Sequence[Recipe], budgets: Sequence[int], num_problems: int, repeats: int
+) -> list[Cell]:
+    """All cells in run order (recipe, budget, repeat, problem)."""
+    cells = []
+    for r in recipes:
+        for k in budgets:
+            conf = r.configure(k)
+            if conf is None:
+                continue
+            n, params = conf
+            for rep in range(repeats):
+                for p in range(num_problems):
+                    cells.append(Cell(r, k, p, rep, n, params))
+    return cells
+
+
+def target_for(
+    recipe: Recipe, problem: Any, policy: Any, lam: float, diffusion_policy: Any = None
+) -> Any:
+    from tiltsample.target import TiltedTarget, power_target
+    from tiltsample.targets import tasks
+
+    if recipe.target == "dlm-verifier":
+        if diffusion_policy is None:
+            raise ValueError(f"recipe {recipe.label!r} needs the masked-diffusion policy")
+        return tasks.problem_target(problem, diffusion_policy, lam=lam)
+    base = tasks.problem_target(problem, policy, lam=lam)
+    if recipe.target == "verifier":
+        return base
+    if recipe.target == "self-consistency":
+        return TiltedTarget(
+            policy, tasks.self_consistency(), lam, base.prompt, base.max_new_tokens, meta=base.meta
+        )
+    if recipe.target == "power":
+        return power_target(policy, POWER_ALPHA, base.prompt, base.max_new_tokens)
+    raise ValueError(f"unknown recipe target {recipe.target!r}")
+
+
+def cell_seed(seed: int, cell: Cell) -> int:
+    """The seed of a cell: the run seed, the problem and the repeat (common random numbers)."""
+    from tiltsample.seeds import chunk_seed
+
+    return chunk_seed(seed, cell.problem * 10_000 + cell.repeat)
+
+
+def error_record(cell: Cell, error: str | None) -> dict[str, Any]:
+    """The record of a cell that raised: its key and the error (one line)."""
+    key = {"sampler": cell.recipe.label, "budget": cell.budget, "problem": cell.problem}
+    return {**key, "repeat": cell.repeat, "error": error}
+
+
+def cell_record(cell: Cell, target: Any, out: Any, seconds: float) -> dict[str, Any]:
+    """The JSON record of a cell: its key, the verifier's verdict on the (one) response, the
+    response, the wall time and the cost."""
+    from tiltsample.targets import tasks
+
+    x: Seq = out.sequences[0]
+    correct = float(tasks.verifier()(target.prompt, [x])[0])
+    return {
+        "sampler": cell.recipe.label,
+        "budget": cell.budget,
+        "problem": cell.problem,
+        "repeat": cell.repeat,
+        "correct": correct,
+        "answer": tasks.answer_text_of_response(x),
+        "response": tasks.decode(x),
+        "seconds": seconds,
+        **out.cost.as_dict(),
+    }
+
+
+def units(cells: Sequence[Cell], todo: Sequence[int], batch: bool) -> list[list[int]]:
+    """The indices ``todo`` of ``cells`` grouped into units (see the module docstring); without
+    ``batch`` every cell is its own unit. Units keep the run order."""
+    groups: dict[tuple[str, int, int], list[int]] = {}
+    out: list[list[int]] = []
+    for i in todo:
+        c = cells[i]
+        if not batch or c.recipe.name not in BATCHED or c.recipe.target == "dlm-verifier":
+            out.append([i])
+            continue
+        key = (c.recipe.label, c.budget, c.repeat)
+        if key not in groups:
+            groups[key] = []
+            out.append(groups[key])
+        groups[key].append(i)
+    return out
+
+
+def _shares(total: int, parts: int) -> list[int]:
+    """``total`` split into ``parts`` integers that add up to it (the first ones one larger)."""
+    base, extra = divmod(total, parts)
+    return [base + (1 if k < extra else 0) for k in range(parts)]
+
+
+def run_batched(
+    cells: Sequence[Cell], problems: Sequence[Any], policy: Any, lam: float, seeds: Sequence[int]
+) -> list[dict[str, Any]]:
+    """The records of a unit of cells of one recipe, budget and repeat on several problems (see
+    the module docstring)."""
+    from tiltsample.samplers import ancestral, best_of_n
+
+    first = cells[0]
+    run: Callable[..., list[Any]] = (
+        best_of_n.sample_many if first.recipe.name == "best-of-n" else ancestral.sample_many
+    )
+    targets = [target_for(c.recipe, p, policy, lam) for c, p in zip(cells, problems, strict=True)]
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    start = time.perf_counter()
+    outs = run(targets, first.num_samples, gens, **first.params)
+    outs = [o.resample(1, g) if len(o) > 1 else o for o, g in zip(outs, gens, strict=True)]
+    seconds = (time.perf_counter() - start) / len(cells)
+    joint = outs[0].meta["joint_cost"]
+    forward = _shares(joint.forward_tokens, len(cells))
+    calls = _shares(joint.model_calls, len(cells))
+    records = []
+    for k, (cell, target, out) in enumerate(zip(cells, targets, outs, strict=True)):
+        record = cell_record(cell, target, out, seconds)
+        record.update(forward_tokens=forward[k], model_calls=calls[k], batched=len(cells))
+        records.append(record)
+    return records
