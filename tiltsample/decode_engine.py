@@ -221,19 +221,14 @@ def decode(
     A :class:`~tiltsample.policy.RolloutSession` (a serving engine) decodes the request natively
     (``session.decode_rollouts``: same rules, its own draws from ``generator``, no parking) and
     is returned itself; any other session runs the token-level loop below."""
-    if isinstance(session, RolloutSession):
-        if isinstance(generator, RowGenerators):
-            raise TypeError(
-                "generator: per-group generators (RowGenerators) are not supported by rollout "
-                "sessions (a serving engine draws per-request seeds from one generator)"
-            )
-        native: Decoded = session.decode_rollouts(generator, request)
-        return native, session
     if isinstance(generator, RowGenerators) and generator.num_rows != session.batch_size:
         raise ValueError(
             f"generator: the row groups cover {generator.num_rows} rows, the session has "
             f"{session.batch_size}"
         )
+    if isinstance(session, RolloutSession):
+        native: Decoded = session.decode_rollouts(generator, request)
+        return native, session
     rows = session.batch_size
     if rows == 0:
         return _empty(0, request.record_entropy), session

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
-import torch
 from torch import Tensor
 
 from tiltsample.types import Cost, Seq
@@ -139,11 +138,13 @@ class RolloutSession(Protocol):
     out), written ``Any`` here because that module imports this one.
     """
 
-    def decode_rollouts(self, generator: torch.Generator, request: Any) -> Any:
+    def decode_rollouts(self, generator: Any, request: Any) -> Any:
         """Extend every row as the ``DecodeRequest`` ``request`` says (the rules of
         :mod:`tiltsample.decode_engine`) and return the ``Decoded`` continuations; randomness
-        comes from ``generator`` only. Every row ends extended by the returned ``[B, n]`` tokens
-        (EOS-padded), as after the token-level loop without parking."""
+        comes from ``generator`` only (a ``torch.Generator``, or a
+        :class:`~tiltsample.row_generators.RowGenerators` whose groups each draw from their
+        own generator, as their runs alone would). Every row ends extended by the returned
+        ``[B, n]`` tokens (EOS-padded), as after the token-level loop without parking."""
         ...
 
     def score_continuations(self, tokens: Tensor, lengths: Tensor) -> Tensor:

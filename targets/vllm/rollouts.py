@@ -16,7 +16,9 @@ It implements the rules of :mod:`tiltsample.decode_engine` for a whole
    stop), ``temperature = tau[r]`` from the law, and a per-request ``seed`` drawn from the
    caller's ``torch.Generator`` (``R`` seeds per call, row ``r`` gets the ``r``-th), so the same
    generator state gives the same rollouts and a row's draw does not depend on the other rows
-   of the batch.
+   of the batch. With :class:`~tiltsample.row_generators.RowGenerators` each group's rows get
+   their seeds from the group's generator (one call per group with tokens to draw), so runs
+   batched across problems get the rollouts they get alone.
 3. **Score** (only when needed): one call with ``prompt_logprobs`` on prompt + new tokens.
 
 ``log p`` and ``log q`` (the rules of the decode engine: ``log p`` at temperature 1, ``log q``
@@ -50,6 +52,7 @@ import torch
 from torch import Tensor
 
 from tiltsample.decode_engine import Decoded, DecodeRequest
+from tiltsample.row_generators import RowGenerators
 from tiltsample.targets.vllm.engine import Engine, sampling_params, token_level_error
 from tiltsample.token_laws import TemperedLaw, tempered_law
 from tiltsample.types import Cost, Seq
@@ -161,11 +164,28 @@ def _plan(rows: int, request: DecodeRequest, ended: list[bool]) -> list[_Plan]:
     return plans
 
 
+def _seeds(generator: torch.Generator | RowGenerators, plans: list[_Plan]) -> list[int]:
+    """One engine seed per row: ``R`` draws from ``generator`` in one call; with
+    :class:`~tiltsample.row_generators.RowGenerators`, each group's rows draw theirs from the
+    group's generator, only when one of them has tokens to draw (what the group's run does
+    alone)."""
+    if not isinstance(generator, RowGenerators):
+        return [int(x) for x in torch.randint(0, 2**62, (len(plans),), generator=generator)]
+    seeds = [0] * len(plans)
+    for g, gen in enumerate(generator.generators):
+        mine = (generator.group == g).nonzero().flatten().tolist()
+        if any(plans[r].budget > 0 for r in mine):
+            drawn = torch.randint(0, 2**62, (len(mine),), generator=gen).tolist()
+            for r, seed in zip(mine, drawn, strict=True):
+                seeds[r] = int(seed)
+    return seeds
+
+
 def _generate(
     session: RolloutRows,
     plans: list[_Plan],
     taus: list[float],
-    generator: torch.Generator,
+    generator: torch.Generator | RowGenerators,
     eos: int,
 ) -> None:
     """Step 2: draw every row's tokens in one engine call; record their log-probs."""
@@ -173,7 +193,7 @@ def _generate(
     todo = [r for r, p in enumerate(plans) if p.budget > 0]
     if not todo:
         return
-    seeds = torch.randint(0, 2**62, (len(plans),), generator=generator).tolist()
+    seeds = _seeds(generator, plans)
     if not engine.processed and any(taus[r] != 1.0 for r in todo):
         raise ValueError(
             "this vLLM engine returns raw log-probs (logprobs_mode="
@@ -252,7 +272,7 @@ def _fill_from_laws(p: _Plan, laws: Tensor, tau: float, entropies: list[float]) 
 
 
 def decode_rollouts(
-    session: RolloutRows, generator: torch.Generator, request: DecodeRequest
+    session: RolloutRows, generator: torch.Generator | RowGenerators, request: DecodeRequest
 ) -> Decoded:
     """Extend the rows of ``session`` as ``request`` says (see the module docstring); return
     the continuations (:class:`~tiltsample.decode_engine.Decoded`, float64 on the CPU)."""

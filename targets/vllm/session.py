@@ -161,7 +161,7 @@ class VLLMSession:
         real = torch.arange(lp.shape[1])[None, :] < torch.as_tensor(lengths)[:, None]
         return torch.where(real, lp, torch.zeros_like(lp))
 
-    def decode_rollouts(self, generator: torch.Generator, request: Any) -> Any:
+    def decode_rollouts(self, generator: Any, request: Any) -> Any:
         """Native :func:`tiltsample.decode_engine.decode` (``DecodeRequest`` in, ``Decoded``
         out): :func:`tiltsample.targets.vllm.rollouts.decode_rollouts`."""
         return decode_rollouts(self, generator, request)

@@ -260,9 +260,10 @@ def run_compare(
     batch_problems
         Run the cells of one (recipe, budget, repeat) whose sampler can (``ancestral``,
         ``best-of-n``: :data:`~tiltsample.app.cells.BATCHED`) as one batched job over all their
-        problems (engine ``"hf"``; see :mod:`tiltsample.app.cells`). Each cell's response,
-        verdict, generated tokens and reward calls are those of the cell run alone; the shared
-        model calls, forward tokens and wall time are apportioned. ``False``: one cell at a time.
+        problems (one session, or one vLLM engine call; see :mod:`tiltsample.app.cells`). Each
+        cell's response, verdict, generated tokens and reward calls are those of the cell run
+        alone; the shared model calls, forward tokens and wall time are apportioned. ``False``:
+        one cell at a time.
     backend
         Where the cells run (:class:`~tiltsample.executor.Backend`): serially here (default) or
         on Ray, one actor per model replica, each loading the models once. Records are the same
@@ -365,7 +366,7 @@ def run_compare(
         # common random numbers: every sampler sees the same seed on a given (problem, repeat), so
         # comparisons are paired (and k = 1 variants of one law give the same draw); the seed is
         # the cell's own, whichever worker runs it and whenever
-        groups = units(cells, todo, batch_problems and engine == "hf")
+        groups = units(cells, todo, batch_problems)
         jobs = [
             (
                 tuple(cells[i] for i in g),
