@@ -286,27 +286,30 @@ def sizes(quick: bool) -> tuple[list[int], int, int]:
     return ([8, 16], 8, 1) if quick else ([64, 256], 64, 3)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def share_parser(description: str) -> argparse.ArgumentParser:
+    """The command line of a share table (this module and :mod:`gpu_vllm`)."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--device", default="cuda")
     p.add_argument("--quick", action="store_true", help="a small model and short runs (smoke test)")
     p.add_argument("--widths", default=None, help="comma-separated batch widths (default 64,256)")
     p.add_argument("--new-tokens", type=int, default=None)
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--budget", type=float, default=None, help="seconds; later runs are skipped")
-    args = p.parse_args(argv)
+    return p
+
+
+def share_sizes(args: argparse.Namespace) -> tuple[list[int], int, int, float | None]:
+    """``(widths, new tokens, repeats, deadline)`` from :func:`share_parser`'s arguments."""
     widths, new_tokens, repeats = sizes(args.quick)
     if args.widths:
         widths = [int(w) for w in args.widths.split(",")]
     deadline = None if args.budget is None else time.perf_counter() + args.budget
-    res = measure(
-        args.device,
-        args.quick,
-        widths,
-        args.new_tokens or new_tokens,
-        args.repeats or repeats,
-        deadline,
-    )
+    return widths, args.new_tokens or new_tokens, args.repeats or repeats, deadline
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = share_parser(__doc__.split("\n")[0]).parse_args(argv)
+    res = measure(args.device, args.quick, *share_sizes(args))
     print(json.dumps(res))
     print(table(res))
     return 0

@@ -34,7 +34,6 @@ any other failure is an error.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import gc
 import importlib.util
@@ -47,7 +46,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gpu_shares import QUICK_VOCAB, budget_fits, share_row, share_table, sizes, targets, time_runs
+from gpu_shares import (
+    QUICK_VOCAB,
+    budget_fits,
+    share_parser,
+    share_row,
+    share_sizes,
+    share_table,
+    targets,
+    time_runs,
+)
 from gpu_shares import RUNS as SHARE_RUNS
 
 RUNS: dict[str, Callable[[int], tuple[str, int, dict[str, Any]]]] = {
@@ -213,28 +221,10 @@ def measure(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--quick", action="store_true", help="a small model and short runs (smoke test)")
-    p.add_argument("--widths", default=None, help="comma-separated batch widths (default 64,256)")
-    p.add_argument("--new-tokens", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--budget", type=float, default=None, help="seconds; later runs are skipped")
+    p = share_parser(__doc__.split("\n")[0])
     p.add_argument("--eager", action="store_true", help="enforce_eager on CUDA (faster start)")
     args = p.parse_args(argv)
-    widths, new_tokens, repeats = sizes(args.quick)
-    if args.widths:
-        widths = [int(w) for w in args.widths.split(",")]
-    deadline = None if args.budget is None else time.perf_counter() + args.budget
-    res = measure(
-        args.device,
-        args.quick,
-        widths,
-        args.new_tokens or new_tokens,
-        args.repeats or repeats,
-        deadline,
-        args.eager,
-    )
+    res = measure(args.device, args.quick, *share_sizes(args), args.eager)
     print(json.dumps(res))
     if "skipped" not in res:
         print(share_table({"vLLM": res}))

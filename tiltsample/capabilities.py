@@ -31,6 +31,7 @@ __all__ = [
     "TokenLevelAccessError",
     "append_rows",
     "check_row_counts",
+    "check_row_indices",
     "check_token_block",
     "extend_and_score",
     "row_lengths",
@@ -76,6 +77,17 @@ def check_row_counts(n: Tensor | Sequence[int], lengths: Tensor) -> Tensor:
     if counts.numel() and (bool((counts < 0).any()) or bool((counts > lengths).any())):
         raise ValueError("n[r] must lie in [0, row length] for every row r")
     return counts
+
+
+def check_row_indices(indices: Tensor | Sequence[int], batch_size: int) -> Tensor:
+    """``indices`` as a 1-D ``LongTensor`` after checking that every entry lies in
+    ``[0, batch_size)``; sessions call it in ``select``."""
+    idx = torch.as_tensor(indices, dtype=torch.long)
+    if idx.dim() != 1:
+        raise ValueError(f"indices must be 1-D, got shape {tuple(idx.shape)}")
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= batch_size):
+        raise ValueError(f"indices must lie in [0, batch_size={batch_size})")
+    return idx
 
 
 def truncate_rows(session: DecodeSession, n: Tensor | Sequence[int]) -> DecodeSession:
@@ -271,11 +283,7 @@ class RaggedGroups:
         self._groups = groups
 
     def select(self, indices: Tensor) -> None:
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        if idx.dim() != 1:
-            raise ValueError(f"indices must be 1-D, got shape {tuple(idx.shape)}")
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self._batch):
-            raise ValueError(f"indices must lie in [0, batch_size={self._batch})")
+        idx = check_row_indices(indices, self._batch)
         group_of = torch.zeros(self._batch, dtype=torch.long)
         local_of = torch.zeros(self._batch, dtype=torch.long)
         for g, (_, rows) in enumerate(self._groups):

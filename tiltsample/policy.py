@@ -37,6 +37,7 @@ from tiltsample.capabilities import (
     RaggedGroups,
     TokenLevelAccessError,
     append_rows,
+    check_row_indices,
     check_token_block,
     extend_and_score,
     row_lengths,
@@ -62,16 +63,31 @@ __all__ = [
     "RolloutSession",
     "TokenLevelAccessError",
     "append_rows",
+    "check_row_indices",
     "check_token_block",
     "extend_and_score",
     "open_session",
     "open_session_multi",
+    "response_context",
     "row_lengths",
     "score_token_by_token",
     "sequence_logprob_from_next",
     "supports_ragged",
     "truncate_rows",
 ]
+
+
+def response_context(prompt: Seq, bos_id: int | None) -> Seq:
+    """The ids a causal model sees before the response: ``prompt``, or ``(bos_id,)`` when the
+    prompt is empty (``ValueError`` when there is no ``bos_id`` either)."""
+    prompt = tuple(int(t) for t in prompt)
+    if prompt:
+        return prompt
+    if bos_id is None:
+        raise ValueError(
+            "prompt is empty and the model has no bos_token_id: pass a non-empty prompt or bos_id="
+        )
+    return (bos_id,)
 
 
 def open_session(policy: ReferencePolicy, prompt: Seq, batch: int) -> DecodeSession:

@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from tiltsample.capabilities import check_row_counts, check_token_block
+from tiltsample.capabilities import check_row_counts, check_row_indices, check_token_block
 from tiltsample.policy_protocols import ReferencePolicy
 from tiltsample.types import Cost, Seq
 
@@ -286,11 +286,7 @@ class PrefixSession:
         self._known = self._known & ~cut
 
     def select(self, indices: Tensor) -> None:
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        if idx.dim() != 1:
-            raise ValueError(f"indices must be 1-D, got shape {tuple(idx.shape)}")
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.batch_size):
-            raise ValueError(f"indices must lie in [0, batch_size={self.batch_size})")
+        idx = check_row_indices(indices, self.batch_size)
         self._tokens = self._tokens[idx]
         self._lens = self._lens[idx]
         self._done = self._done[idx]

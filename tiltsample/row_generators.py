@@ -53,6 +53,10 @@ class RowGenerators:
             )
         self.generators = list(generators)
         self.group = group
+        order = torch.argsort(group, stable=True)
+        counts = torch.bincount(group, minlength=len(self.generators)).tolist()
+        self._rows: list[Tensor] = list(torch.split(order, counts))
+        """The rows of every group, in row order (computed once, used at every position)."""
 
     @classmethod
     def of_sizes(cls, generators: Sequence[torch.Generator], sizes: Sequence[int]) -> RowGenerators:
@@ -66,6 +70,10 @@ class RowGenerators:
             raise ValueError(f"sizes must be >= 0, got {list(sizes)}")
         group = torch.repeat_interleave(torch.arange(len(sizes)), torch.as_tensor(list(sizes)))
         return cls(generators, group)
+
+    def rows_of(self, g: int) -> Tensor:
+        """The rows of group ``g``, in row order."""
+        return self._rows[g]
 
     @property
     def num_rows(self) -> int:
@@ -83,8 +91,7 @@ class RowGenerators:
         if rows != self.num_rows:
             raise ValueError(f"log_q has {rows} rows, the row groups {self.num_rows}")
         tokens = torch.full((rows,), eos_id, dtype=torch.long)
-        for g, generator in enumerate(self.generators):
-            mine = (self.group == g).nonzero().flatten()
+        for generator, mine in zip(self.generators, self._rows, strict=True):
             if mine.numel() and bool(need[mine].any()):
                 tokens[mine] = draw_tokens(generator, log_q[mine])
         return tokens

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from tiltsample import validation
 from tiltsample.decoding import decode_until_complete, rows_to_seqs, seqs_to_rows
+from tiltsample.policy import response_context
 from tiltsample.targets.hf import compat
 from tiltsample.targets.hf.devices import (
     model_device,
@@ -249,15 +250,7 @@ class HFPolicy:
     # ------------------------------------------------------------------ model calls
     def context(self, prompt: Seq) -> Seq:
         """The ids fed to the model before the response: ``prompt``, or ``(bos_id,)`` if empty."""
-        prompt = tuple(int(t) for t in prompt)
-        if prompt:
-            return prompt
-        if self._bos is None:
-            raise ValueError(
-                "prompt is empty and the model has no bos_token_id: pass a non-empty prompt "
-                "or bos_id="
-            )
-        return (self._bos,)
+        return response_context(prompt, self._bos)
 
     def forward_logits(
         self,

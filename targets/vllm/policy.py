@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from tiltsample import validation
+from tiltsample.policy import response_context
 from tiltsample.targets.vllm.engine import Engine, token_level_error
 from tiltsample.targets.vllm.session import VLLMSession, check_contexts
 from tiltsample.types import Seq
@@ -147,15 +148,7 @@ class VLLMPolicy:
     # ------------------------------------------------------------------ model calls
     def context(self, prompt: Seq) -> Seq:
         """The ids sent before the response: ``prompt``, or ``(bos_id,)`` if it is empty."""
-        prompt = tuple(int(t) for t in prompt)
-        if prompt:
-            return prompt
-        if self._bos is None:
-            raise ValueError(
-                "prompt is empty and the model has no bos_token_id: pass a non-empty prompt "
-                "or bos_id="
-            )
-        return (self._bos,)
+        return response_context(prompt, self._bos)
 
     def next_logprobs(self, prompt: Seq, prefixes: Sequence[Seq]) -> Tensor:
         """``[B, V]`` float64 next-token laws after each prefix (one engine call). Needs

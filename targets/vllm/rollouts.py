@@ -173,7 +173,7 @@ def _seeds(generator: torch.Generator | RowGenerators, plans: list[_Plan]) -> li
         return [int(x) for x in torch.randint(0, 2**62, (len(plans),), generator=generator)]
     seeds = [0] * len(plans)
     for g, gen in enumerate(generator.generators):
-        mine = (generator.group == g).nonzero().flatten().tolist()
+        mine = generator.rows_of(g).tolist()
         if any(plans[r].budget > 0 for r in mine):
             drawn = torch.randint(0, 2**62, (len(mine),), generator=gen).tolist()
             for r, seed in zip(mine, drawn, strict=True):

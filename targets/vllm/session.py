@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from tiltsample import validation
-from tiltsample.capabilities import check_row_counts, check_token_block
+from tiltsample.capabilities import check_row_counts, check_row_indices, check_token_block
 from tiltsample.targets.vllm.engine import Engine, token_level_error
 from tiltsample.targets.vllm.rollouts import decode_rollouts
 from tiltsample.types import Cost, Seq
@@ -183,11 +183,7 @@ class VLLMSession:
             self._law = None
 
     def select(self, indices: Tensor) -> None:
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        if idx.dim() != 1:
-            raise ValueError(f"indices must be 1-D, got shape {tuple(idx.shape)}")
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.batch_size):
-            raise ValueError(f"indices must lie in [0, batch_size={self.batch_size})")
+        idx = check_row_indices(indices, self.batch_size)
         order = idx.tolist()
         self._ctx = [self._ctx[i] for i in order]
         self._resp = [list(self._resp[i]) for i in order]
