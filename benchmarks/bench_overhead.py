@@ -17,14 +17,16 @@ The goal of the throughput issue is ``ms per call / bare ≤ 1.2``.
 
 **Many problems.** Plain batched decoding of ``problems × budget`` rows in **one** multi-prompt
 session (:func:`tiltsample.policy.open_session_multi`) is the ceiling; each sampler's generated
-tokens/s over the problems is reported as a share of it (the goal: ≥ 0.8, MH ≥ 0.6): best-of-n
-batched across problems (``best_of_n.sample_many``, what ``compare`` runs), and every sampler one
-problem at a time (what ``compare --no-batch`` and the samplers without ``sample_many`` do).
+tokens/s over the problems is reported as a share of it (the goal: ≥ 0.8, MH ≥ 0.6): each
+sampler at the ``compare`` recipe of the budget, batched across problems where it has a batched
+run (:func:`tiltsample.app.cells.many_runner`, what ``compare`` runs) and one problem at a time
+(what ``compare --no-batch`` runs).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -35,6 +37,7 @@ from typing import Any
 import torch
 
 from tiltsample import Cost, sample
+from tiltsample.app.cells import many_runner
 from tiltsample.decoding import decode_until_complete
 from tiltsample.policy import open_session_multi
 from tiltsample.target import power_target
@@ -149,7 +152,7 @@ def per_call_overhead(policy: Any, repeats: int) -> list[dict[str, Any]]:
 
 
 def many_problems(
-    policy: Any, num_problems: int, budget: int, repeats: int
+    policy: Any, num_problems: int, budget: int, repeats: int, one_at_a_time_too: bool = True
 ) -> list[dict[str, Any]]:
     """Rows of the many-problems table (see the module docstring)."""
     problems = tasks.held_out_problems(num_problems)
@@ -168,7 +171,7 @@ def many_problems(
         def run() -> Cost:
             total = Cost()
             for p in problems:
-                total = total + sample(name, target_of(p), n, seed=0, **params).cost
+                total = total + sample(name, target_of(p), n, seed=0, progress=False, **params).cost
             return total
 
         return run
@@ -179,23 +182,43 @@ def many_problems(
     def power(p: Any) -> Any:
         return power_target(policy, 4.0, p.prompt_ids(), tasks.MAX_NEW_TOKENS)
 
-    def best_of_n_batched() -> Cost:
-        from tiltsample.samplers import best_of_n
+    def batched(name: str, n: int, target_of: Callable[[Any], Any], **params: Any) -> Any:
+        run_many = many_runner(name)
 
-        gens = [torch.Generator().manual_seed(i) for i in range(len(problems))]
-        targets = [verifier(p) for p in problems]
-        outs = best_of_n.sample_many(targets, 1, gens, num_candidates=budget)
-        joint: Cost = outs[0].meta["joint_cost"]
-        return joint
+        def run() -> Cost:
+            gens = [torch.Generator().manual_seed(i) for i in range(len(problems))]
+            outs = run_many([target_of(p) for p in problems], n, gens, **params)
+            joint: Cost = outs[0].meta["joint_cost"]
+            return joint
 
-    runs: list[tuple[str, Callable[[], Cost]]] = [
-        (f"plain decoding, {num_problems} x {budget} rows in one session", plain),
-        ("best-of-n, all problems in one job (sample_many)", best_of_n_batched),
-        ("best-of-n", one_at_a_time("best-of-n", 1, verifier, num_candidates=budget)),
-        ("smc", one_at_a_time("smc", budget, verifier, num_particles=budget)),
-        ("ets", one_at_a_time("ets", 1, verifier, num_candidates=budget // 2, num_rollouts=1)),
-        ("power MH", one_at_a_time("power", 1, power, num_steps=2 * (budget - 1))),
+        return run
+
+    # (label, sampler, num_samples, target, params): the compare recipes at this budget
+    configs: list[tuple[str, str, int, Callable[[Any], Any], dict[str, Any]]] = [
+        ("best-of-n", "best-of-n", 1, verifier, {"num_candidates": budget}),
+        ("beam", "beam", 1, verifier, {"num_beams": budget}),
+        ("smc", "smc", budget, verifier, {"num_particles": budget}),
+        ("ets", "ets", 1, verifier, {"num_candidates": budget // 2, "num_rollouts": 1}),
+        (
+            "power MH",
+            "power",
+            1,
+            power,
+            {"num_steps": 2 * (budget - 1), "batching": "continuous"},
+        ),
     ]
+    runs: list[tuple[str, Callable[[], Cost]]] = [
+        (f"plain decoding, {num_problems} x {budget} rows in one session", plain)
+    ]
+    for label, name, n, target_of, params in configs:
+        with contextlib.suppress(ValueError):  # no batched run across problems: skipped
+            runs.append(
+                (f"{label}, all problems in one job", batched(name, n, target_of, **params))
+            )
+        if one_at_a_time_too:
+            runs.append(
+                (f"{label}, one problem at a time", one_at_a_time(name, n, target_of, **params))
+            )
     times: dict[str, list[float]] = {label: [] for label, _ in runs}
     costs: dict[str, Cost] = {}
     for _ in range(repeats):
@@ -255,11 +278,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="folder for overhead.md (default: print only)")
+    parser.add_argument(
+        "--batched-only",
+        action="store_true",
+        help="many-problems section: skip the one-problem-at-a-time runs",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     policy = tasks.load_policy()
     per_call = per_call_overhead(policy, args.repeats)
-    many = many_problems(policy, args.problems, args.budget, args.repeats)
+    many = many_problems(policy, args.problems, args.budget, args.repeats, not args.batched_only)
     note = f"arith-ar, {args.threads} thread(s), median of {args.repeats}"
     text = markdown(per_call, many, note)
     if args.out is not None:

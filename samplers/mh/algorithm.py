@@ -129,6 +129,7 @@ def sample_many(
     *,
     seed: int | None = None,
     generator: torch.Generator | None = None,
+    generators: Sequence[torch.Generator] | None = None,
     sampler: str = "mh",
     alpha: float | None = None,
     **params: Any,
@@ -141,13 +142,35 @@ def sample_many(
     (temperature 1, uniform cut). Targets must share the policy, cap, truncation and tilt
     structure (:func:`init_many`); each target's chains follow exactly the kernel they would
     follow alone — only the model calls are shared. Returns :func:`results`.
+
+    ``generators`` (one per target, instead of ``seed`` / ``generator``; needs
+    ``batching="continuous"``): target ``i`` draws only from ``generators[i]``, so its result is
+    the one ``sample(sampler, targets[i], num_samples, generator=generators[i], ...)`` returns
+    alone (up to the float differences of a batched forward) and ``generators[i]`` ends in the
+    same state — what ``tiltsample compare`` needs to batch cells across problems.
     """
+    if generators is not None:
+        if seed is not None or generator is not None:
+            raise ValueError("give generators= (one per target) or seed= / generator=, not both")
+        if isinstance(generators, torch.Generator):
+            raise TypeError("generators must be a sequence of torch.Generator, one per target")
+        return _run_many(list(targets), num_samples, list(generators), sampler, alpha, params)
     if generator is None:
         if seed is None:
             raise ValueError("sample_many needs seed= or generator=")
         generator = torch.Generator().manual_seed(validation.non_negative_int("seed", seed))
     validation.generator("generator", generator)
-    listed = list(targets)
+    return _run_many(list(targets), num_samples, generator, sampler, alpha, params)
+
+
+def _run_many(
+    listed: list[TiltedTarget],
+    num_samples: int,
+    generator: torch.Generator | list[torch.Generator],
+    sampler: str,
+    alpha: float | None,
+    params: dict[str, Any],
+) -> list[SampleSet]:
     if not listed:
         raise ValueError("targets must hold at least one TiltedTarget")
     validation.one_of("sampler", sampler, ("mh", "power", "entropy-cut", "qalign"))
@@ -169,6 +192,8 @@ def sample_many(
     cfg = make_config(**cfg_params)
     state = init_many(listed, generator=generator, num_samples=num_samples, _config=cfg)
     step = build_kernel(_config=cfg)
+    # the continuous engine draws from its chains' own streams; the kernel ignores this one
+    step_gen = generator if isinstance(generator, torch.Generator) else torch.Generator()
     while not done(state):
-        state, _ = step(generator, state)
+        state, _ = step(step_gen, state)
     return results(state)

@@ -54,7 +54,7 @@ def init(
 def init_many(
     targets: Sequence[TiltedTarget],
     *,
-    generator: torch.Generator,
+    generator: torch.Generator | Sequence[torch.Generator],
     num_samples: int,
     **config: Any,
 ) -> MHState:
@@ -67,14 +67,30 @@ def init_many(
     target (the batch only shares model calls). The decode session holds the rows of all prompts
     (:func:`tiltsample.policy.open_session_multi`). Step with :func:`build_kernel`; split the
     result with :func:`results`.
+
+    ``generator`` may also be one generator per target under ``batching="continuous"``: target
+    ``i``'s chains then draw only from streams seeded by ``generator[i]``, exactly as when that
+    target runs alone (see :func:`~tiltsample.samplers.mh.continuous.init_continuous`).
     """
     cfg = config_from(config)
-    validation.generator("generator", generator)
     chains = validation.positive_int("num_samples", num_samples)
     listed = list(targets)
     if not listed:
         raise ValueError("targets must hold at least one TiltedTarget")
-    return _init_joint(listed, chains, generator, None, cfg)
+    if isinstance(generator, torch.Generator):
+        return _init_joint(listed, chains, generator, None, cfg)
+    gens = [validation.generator(f"generator[{i}]", g) for i, g in enumerate(generator)]
+    if len(gens) != len(listed):
+        raise ValueError(
+            f"generator must be one torch.Generator or one per target ({len(listed)}), "
+            f"got {len(gens)}"
+        )
+    if cfg.batching != "continuous":
+        raise ValueError(
+            "one generator per target needs batching='continuous' (per-chain random streams); "
+            f"got batching={cfg.batching!r}"
+        )
+    return _init_joint(listed, chains, gens, None, cfg)
 
 
 def _check_joint(targets: list[TiltedTarget], cfg: MHConfig) -> list[TargetParts]:
@@ -171,7 +187,7 @@ def _open_chains(
 def _init_joint(
     targets: list[TiltedTarget],
     per_target: int,
-    generator: torch.Generator,
+    generator: torch.Generator | list[torch.Generator],
     initial: Sequence[Seq] | None,
     cfg: MHConfig,
 ) -> MHState:
@@ -188,6 +204,7 @@ def _init_joint(
                 "initial= is not supported with batching='continuous' (use another batching)"
             )
         return init_continuous(targets, parts_all, per_target, generator, cfg)
+    assert isinstance(generator, torch.Generator)  # per-target generators: continuous only
     session, root, cost, mode = _open_chains(targets, per_target, owner, cfg)
     suf = decode_rows(
         session,

@@ -17,12 +17,15 @@ them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from tiltsample.samplers.mh.config import MHConfig
 from tiltsample.samplers.mh.engine import ContinuousEngine
 from tiltsample.samplers.mh.parts import TargetParts
 from tiltsample.samplers.mh.state import MHInfo, MHState, cost_diff
+from tiltsample.seeds import chunk_seed
 from tiltsample.target import TiltedTarget
 from tiltsample.types import Cost
 
@@ -33,13 +36,33 @@ def init_continuous(
     targets: list[TiltedTarget],
     parts_all: list[TargetParts],
     per_target: int,
-    generator: torch.Generator,
+    generator: torch.Generator | Sequence[torch.Generator],
     cfg: MHConfig,
 ) -> MHState:
-    """The state of a continuous run: the engine, seeded from one draw of ``generator``; the
-    chains' initial ``q_tau`` draws are made inside the engine (per-chain streams)."""
-    base = int(torch.randint(0, 2**62, (1,), generator=generator, dtype=torch.long))
-    engine = ContinuousEngine(targets, parts_all, per_target, base, cfg)
+    """The state of a continuous run: the engine, its chains seeded from one draw of
+    ``generator``; the chains' initial ``q_tau`` draws are made inside the engine (per-chain
+    streams).
+
+    ``generator`` is one generator (chain ``c`` of the batch gets ``chunk_seed(base, c)``) or one
+    per target (:func:`~tiltsample.samplers.mh.sample_many` with ``generators=``): target ``i``
+    draws its own ``base_i`` from ``generator[i]`` and its ``k``-th chain gets
+    ``chunk_seed(base_i, k)`` — exactly the seeds of that target run alone, so each target's
+    chains follow their alone trajectories.
+    """
+    if isinstance(generator, torch.Generator):
+        base = _base_seed(generator)
+        seeds = [chunk_seed(base, c) for c in range(per_target * len(targets))]
+    else:
+        if len(generator) != len(targets):
+            raise ValueError(
+                f"generators must hold one generator per target ({len(targets)}), "
+                f"got {len(generator)}"
+            )
+        seeds = []
+        for g in generator:
+            base = _base_seed(g)
+            seeds += [chunk_seed(base, c) for c in range(per_target)]
+    engine = ContinuousEngine(targets, parts_all, per_target, seeds, cfg)
     chains, width = engine.chains, engine.width
     target = targets[0]
     blank = torch.zeros((chains, width), dtype=torch.float64)
@@ -74,6 +97,10 @@ def init_continuous(
         chain_cost=engine.chain_cost.clone(),
         engine=engine,
     )
+
+
+def _base_seed(generator: torch.Generator) -> int:
+    return int(torch.randint(0, 2**62, (1,), generator=generator, dtype=torch.long))
 
 
 def continuous_step(state: MHState) -> tuple[MHState, MHInfo]:

@@ -22,7 +22,6 @@ from tiltsample.samplers.mh.parts import TargetParts
 from tiltsample.samplers.mh.proposals import suffix_sum
 from tiltsample.samplers.mh.scoring import score_chains
 from tiltsample.samplers.mh.snapshot import StepSnapshot
-from tiltsample.seeds import chunk_seed
 from tiltsample.target import TiltedTarget
 from tiltsample.token_laws import inverse_cdf
 from tiltsample.types import Cost
@@ -55,9 +54,11 @@ class ContinuousEngine:
     later cut keeps it), so the policy is never asked for a law past the cap.
 
     Each chain draws all its randomness (tokens, acceptance, cuts — in that order, by inverse
-    CDF) from its own ``torch.Generator`` seeded with :func:`tiltsample.seeds.chunk_seed` of a
-    base seed and its index, so a chain's trajectory does not depend on how the ticks interleave
-    the chains (exactly so for policies whose log-probs do not depend on the batch).
+    CDF) from its own ``torch.Generator`` seeded with ``chain_seeds[c]``
+    (:func:`~tiltsample.samplers.mh.continuous.init_continuous` derives them with
+    :func:`tiltsample.seeds.chunk_seed` from a base seed and the chain's index), so a chain's
+    trajectory does not depend on how the ticks interleave the chains (exactly so for policies
+    whose log-probs do not depend on the batch).
     """
 
     def __init__(
@@ -65,7 +66,7 @@ class ContinuousEngine:
         targets: list[TiltedTarget],
         parts_all: list[TargetParts],
         per_target: int,
-        base_seed: int,
+        chain_seeds: list[int],
         cfg: MHConfig,
     ) -> None:
         target = targets[0]
@@ -101,7 +102,9 @@ class ContinuousEngine:
         self.session: DecodeSession = session
         self.members = torch.arange(rows)
         self.queued = rows  # chains rows..chains-1 wait for a free row
-        self.gens = [torch.Generator().manual_seed(chunk_seed(base_seed, c)) for c in range(chains)]
+        if len(chain_seeds) != chains:
+            raise ValueError(f"chain_seeds must hold one seed per chain ({chains})")
+        self.gens = [torch.Generator().manual_seed(s) for s in chain_seeds]
         self.ubuf = torch.zeros((chains, _UNIFORM_BLOCK), dtype=torch.float64)
         self.uptr = torch.full((chains,), _UNIFORM_BLOCK, dtype=torch.long)
         L, eos = self.width, self.eos

@@ -4,10 +4,11 @@ batched run of one configuration over many problems.
 A *cell* is one recipe at one budget on one problem (and one repeat); its randomness is its own
 seed (:func:`cell_seed`), whatever runs it. :func:`units` groups the cells still to run: the
 cells of one (recipe, budget, repeat) whose sampler can run many problems in one batched job
-(:data:`BATCHED`: ``ancestral`` and ``best-of-n``, through their ``sample_many``) form one unit,
-every other cell is a unit of its own. :func:`run_batched` runs a unit: all its problems' rows in
-one multi-prompt session, problem ``i`` drawing only from its cell's generator
-(:class:`~tiltsample.row_generators.RowGenerators`), so each record holds what the cell run alone
+(:data:`BATCHED`: ``ancestral``, ``best-of-n`` and the MH recipes, through their ``sample_many``)
+form one unit, every other cell is a unit of its own. :func:`run_batched` runs a unit: all its
+problems' rows in one multi-prompt session, problem ``i`` drawing only from its cell's generator
+(:class:`~tiltsample.row_generators.RowGenerators`; the MH chains' own streams seeded from it),
+so each record holds what the cell run alone
 returns — the same response, verdict, generated tokens and reward calls. Only what the problems
 share is apportioned: the unit's model calls and forward tokens are split over its cells (integer
 shares that add up to the unit's), and each cell's ``seconds`` is the unit's wall time divided by
@@ -29,17 +30,49 @@ from tiltsample.types import Seq
 __all__ = [
     "BATCHED",
     "Cell",
+    "batchable",
     "cell_record",
     "cell_seed",
     "error_record",
+    "many_runner",
     "plan",
     "run_batched",
     "target_for",
     "units",
 ]
 
-BATCHED = ("ancestral", "best-of-n")
-"""Samplers whose cells run many problems in one batched job (they have ``sample_many``)."""
+BATCHED = ("ancestral", "best-of-n", "power", "entropy-cut", "qalign")
+"""Samplers whose cells run many problems in one batched job (they have a ``sample_many`` taking
+one generator per problem; the MH samplers under ``batching="continuous"`` only)."""
+
+MH_SAMPLERS = ("power", "entropy-cut", "qalign")
+
+
+def batchable(cell: Cell) -> bool:
+    """Whether ``cell`` can share a batched job with the same configuration on other problems."""
+    if cell.recipe.name not in BATCHED or cell.recipe.target == "dlm-verifier":
+        return False
+    if cell.recipe.name in MH_SAMPLERS:
+        return cell.params.get("batching") == "continuous"
+    return True
+
+
+def many_runner(name: str) -> Callable[..., list[Any]]:
+    """``run(targets, num_samples, generators, **params)`` of sampler ``name`` (in
+    :data:`BATCHED`): one result per target, each what the target's cell returns alone."""
+    from tiltsample.samplers import ancestral, best_of_n, mh
+
+    if name == "best-of-n":
+        return best_of_n.sample_many
+    if name == "ancestral":
+        return ancestral.sample_many
+    if name in MH_SAMPLERS:
+
+        def run_mh(targets: Any, n: int, gens: Any, **params: Any) -> list[Any]:
+            return mh.sample_many(targets, n, generators=gens, sampler=name, **params)
+
+        return run_mh
+    raise ValueError(f"sampler {name!r} has no batched run across problems")
 
 
 @dataclass(frozen=True)
@@ -131,7 +164,7 @@ def units(cells: Sequence[Cell], todo: Sequence[int], batch: bool) -> list[list[
     out: list[list[int]] = []
     for i in todo:
         c = cells[i]
-        if not batch or c.recipe.name not in BATCHED or c.recipe.target == "dlm-verifier":
+        if not batch or not batchable(c):
             out.append([i])
             continue
         key = (c.recipe.label, c.budget, c.repeat)
@@ -153,12 +186,8 @@ def run_batched(
 ) -> list[dict[str, Any]]:
     """The records of a unit of cells of one recipe, budget and repeat on several problems (see
     the module docstring)."""
-    from tiltsample.samplers import ancestral, best_of_n
-
     first = cells[0]
-    run: Callable[..., list[Any]] = (
-        best_of_n.sample_many if first.recipe.name == "best-of-n" else ancestral.sample_many
-    )
+    run = many_runner(first.recipe.name)
     targets = [target_for(c.recipe, p, policy, lam) for c, p in zip(cells, problems, strict=True)]
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     start = time.perf_counter()

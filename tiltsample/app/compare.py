@@ -20,7 +20,8 @@ Samplers (recipes; the ones registered when the run starts are used, others are 
                        ``M = k / 2`` candidates (about ``k`` responses of tokens; ``k >= 4``)
 ``smc``                SMC with ``k`` particles (prefix twist); one particle drawn by weight
 ``power-smc``          SMC on ``p_ref^4`` with ``k`` particles
-``power``              MH power sampling on ``p_ref^4``, ``2(k - 1)`` steps (uniform cut)
+``power``              MH power sampling on ``p_ref^4``, ``2(k - 1)`` steps (uniform cut;
+                       continuous batching, the default batching on a vLLM engine)
 ``entropy-cut``        the same with entropy-chosen cut positions
 ``qalign``             MH on the verifier target, ``2(k - 1)`` steps
 =====================  =====================================================================
@@ -75,6 +76,7 @@ from tiltsample.app.recipes import (
     Profile,
     Recipe,
     available_recipes,
+    for_rollout_engine,
 )
 from tiltsample.executor import SERIAL, Backend
 from tiltsample.types import Cost
@@ -313,6 +315,7 @@ def run_compare(
     recipes, skipped = available_recipes(samplers)
     if engine == "vllm":
         recipes, skipped = _diffusion_needs_hf(recipes, skipped)
+        recipes = [for_rollout_engine(r) for r in recipes]
     if not recipes:
         raise ValueError("no sampler to compare (none of the requested recipes can run)")
     model_dir = str(tasks.model_path(tasks.DEFAULT_AR) if model is None else Path(model))

@@ -6,7 +6,7 @@ Re-exported by :mod:`tiltsample.app.compare`; see its docstring for the table of
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from tiltsample import validation
@@ -44,9 +44,28 @@ def _ets(k: int) -> tuple[int, dict[str, Any]] | None:
 
 
 def _mh_steps(k: int) -> tuple[int, dict[str, Any]] | None:
+    # continuous batching: each chain draws from its own stream seeded by the cell's generator,
+    # so compare can run the cells of many problems as one batched job with the records of
+    # cells run alone (tiltsample.samplers.mh.sample_many with generators=)
     if k < 2:
         return None
-    return 1, {"num_steps": 2 * (k - 1)}
+    return 1, {"num_steps": 2 * (k - 1), "batching": "continuous"}
+
+
+def _mh_steps_rollout(k: int) -> tuple[int, dict[str, Any]] | None:
+    conf = _mh_steps(k)
+    if conf is None:
+        return None
+    n, params = conf
+    return n, {key: v for key, v in params.items() if key != "batching"}
+
+
+def for_rollout_engine(recipe: Recipe) -> Recipe:
+    """``recipe`` as it runs on a rollout-only engine (vLLM): the MH recipes with the default
+    batching (continuous batching needs ragged token-level sessions); others unchanged."""
+    if recipe.configure is _mh_steps:
+        return replace(recipe, configure=_mh_steps_rollout)
+    return recipe
 
 
 RECIPES: tuple[Recipe, ...] = (

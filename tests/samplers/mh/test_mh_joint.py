@@ -118,3 +118,73 @@ def test_joint_targets_must_share_their_structure(change: dict[str, Any], match:
     c = TiltedTarget(other, a.reward, 0.5, prompt=(), max_new_tokens=4)
     with pytest.raises(ValueError, match="policy"):
         mh.sample_many([a, c], 2, seed=0, sampler="qalign", num_steps=1)
+
+
+@pytest.mark.parametrize("sampler", ["qalign", "power", "entropy-cut"])
+def test_per_target_generators_give_each_target_its_alone_run(sampler: str) -> None:
+    """``generators=`` (continuous batching): every target's chains, costs and generator state
+    are bit-identical to that target run alone with its generator (tiltsample compare's cells)."""
+    a, b = reward_targets()
+    policy = a.policy
+    targets = (
+        [a, b, TiltedTarget(policy, ContainsTokenReward(1, policy.eos_id), 0.9, max_new_tokens=4)]
+        if sampler == "qalign"
+        else [tiltsample.power_target(policy, 3.0, prompt=p, max_new_tokens=4) for p in [(), (1,)]]
+    )
+    params: dict[str, Any] = {"num_steps": 5, "batching": "continuous"}
+    gens = [torch.Generator().manual_seed(10 + i) for i in range(len(targets))]
+    outs = mh.sample_many(targets, 3, generators=gens, sampler=sampler, **params)
+    for i, (t, out) in enumerate(zip(targets, outs, strict=True)):
+        g = torch.Generator().manual_seed(10 + i)
+        alone = tiltsample.sample(sampler, t, 3, generator=g, progress=False, **params)
+        assert out.sequences == alone.sequences
+        assert torch.equal(out.log_weights, alone.log_weights)
+        assert out.cost.generated_tokens == alone.cost.generated_tokens
+        assert out.cost.reward_calls == alone.cost.reward_calls
+        assert torch.equal(gens[i].get_state(), g.get_state())
+    # the targets' draws differ (their own streams), so a shared stream would be caught
+    assert outs[0].sequences != outs[1].sequences
+
+
+def test_per_target_generators_are_checked() -> None:
+    a, b = reward_targets()
+    gens = [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]
+    with pytest.raises(ValueError, match="batching='continuous'"):
+        mh.sample_many([a, b], 2, generators=gens, sampler="qalign", num_steps=1)
+    with pytest.raises(ValueError, match="one per target"):
+        mh.sample_many(
+            [a, b], 2, generators=gens[:1], sampler="qalign", num_steps=1, batching="continuous"
+        )
+    with pytest.raises(ValueError, match="not both"):
+        mh.sample_many([a, b], 2, seed=0, generators=gens, sampler="qalign", num_steps=1)
+
+
+def test_per_target_generators_on_the_shipped_model_give_the_alone_tokens() -> None:
+    """Three problems of arith-ar in one multi-prompt session: each problem's power chain draws
+    the tokens of its alone run (log-densities to float32 precision of a batched forward)."""
+    from tiltsample.targets import tasks
+
+    policy = tasks.load_policy()
+    targets = [
+        tiltsample.power_target(policy, 4.0, p.prompt_ids(), tasks.MAX_NEW_TOKENS)
+        for p in tasks.held_out_problems(3)
+    ]
+    params: dict[str, Any] = {"num_steps": 6, "batching": "continuous"}
+    outs = mh.sample_many(
+        targets,
+        1,
+        generators=[torch.Generator().manual_seed(s) for s in (1, 2, 3)],
+        sampler="power",
+        **params,
+    )
+    alone_calls = 0
+    for s, t, out in zip((1, 2, 3), targets, outs, strict=True):
+        g = torch.Generator().manual_seed(s)
+        alone = tiltsample.sample("power", t, 1, generator=g, progress=False, **params)
+        alone_calls += alone.cost.model_calls
+        assert out.sequences == alone.sequences
+        assert out.log_reference is not None and alone.log_reference is not None
+        assert torch.allclose(out.log_reference, alone.log_reference, atol=1e-4)
+        assert out.cost.generated_tokens == alone.cost.generated_tokens
+    joint = outs[0].meta["joint_cost"]
+    assert joint.model_calls < alone_calls  # the problems shared their model calls
