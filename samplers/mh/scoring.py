@@ -60,10 +60,9 @@ def score_chains(
     cost = Cost()
     per = torch.zeros(n, dtype=torch.long)
     mine = owner[chain_ids]
-    for i, (t, p) in enumerate(zip(targets, parts_all, strict=True)):
+    for i in torch.unique(mine).tolist():  # only the targets with a response to score
+        t, p = targets[i], parts_all[i]
         m = (mine == i).nonzero().flatten()
-        if m.numel() == 0:
-            continue
         r, w, c = _score(t, p, complete, tokens[m], length[m], log_ref[m])
         rest[m] = r
         if w is not None:
