@@ -279,7 +279,10 @@ class HFPolicy:
             kwargs["position_ids"] = position_ids.to(dev)
         if last_only and self._logits_to_keep:
             kwargs["logits_to_keep"] = 1
-        with torch.no_grad():
+        # inference mode, not just no_grad: measured 0.17-0.2 ms less per call of 1-8 rows on
+        # the shipped model (12%); the logits and KV tensors it makes are read by later
+        # functional ops only (the cache is rebound, never written in place)
+        with torch.inference_mode():
             out = self.model(input_ids=input_ids.to(dev), **kwargs)
         logits = out.logits
         if last_only:
