@@ -36,10 +36,13 @@ class Cost:
     reward_calls: int = 0
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
+        # every step of every sampler adds Costs: a fast path for plain ints
+        for name in _COUNTERS:
+            value = getattr(self, name)
+            if type(value) is int and value >= 0:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"Cost.{f.name} must be a non-negative int, got {value!r}")
+                raise ValueError(f"Cost.{name} must be a non-negative int, got {value!r}")
 
     def __add__(self, other: Cost) -> Cost:
         if not isinstance(other, Cost):
@@ -53,7 +56,9 @@ class Cost:
 
     def as_dict(self) -> dict[str, int]:
         """The four counters as a plain dict (for tables and JSON records)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {name: getattr(self, name) for name in _COUNTERS}
 
+
+_COUNTERS = tuple(f.name for f in fields(Cost))
 
 ZERO_COST = Cost()
