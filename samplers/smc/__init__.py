@@ -87,7 +87,8 @@ Modules
     :mod:`~.proposals` (twists and the locally optimal proposal inside a step), :mod:`~.moves`
     (resample-move), :mod:`~.resampling` (batched and conditional ancestors), :mod:`~.evidence`
     (``log Ẑ`` and the result), :mod:`~.particles` (SMC from given particles), :mod:`~.numerics`
-    (log-space helpers), :mod:`~.algorithm` (``build_kernel``, ``run``, ``sampler``).
+    (log-space helpers), :mod:`~.algorithm` (``build_kernel``, ``run``, ``sampler``),
+    :mod:`~.many` (``sample_many``: the runs of several targets batched in one session).
 
 References
 ----------
@@ -118,6 +119,7 @@ from tiltsample.samplers.smc.evidence import (
     log_evidence_runs,
     result,
 )
+from tiltsample.samplers.smc.many import sample_many
 from tiltsample.samplers.smc.particles import (
     rejuvenate,
     state_from_sequences,
@@ -159,6 +161,7 @@ __all__ = [
     "rejuvenate",
     "result",
     "run",
+    "sample_many",
     "sampler",
     "state_from_sequences",
 ]

@@ -26,11 +26,16 @@ def log_evidence_runs(state: SMCState) -> Tensor:
     return torch.where(torch.isnan(out), torch.full_like(out, -math.inf), out)
 
 
-def result(state: SMCState) -> SampleSet:
-    """All particles; weights normalised per run when several runs share the state."""
+def result(state: SMCState, tokens: Tensor | None = None) -> SampleSet:
+    """All particles; weights normalised per run when several runs share the state.
+
+    ``tokens`` (``[M, t]``): the particles' tokens, when they are not the session's (one
+    target's rows of a state shared by several targets); default ``state.session.tokens()``.
+    """
     target = state.target
     n, groups = state.num_particles, state.num_groups
-    seqs = rows_to_seqs(state.session.tokens(), target.eos_id)
+    held = state.session.tokens() if tokens is None else tokens
+    seqs = rows_to_seqs(held, target.eos_id)
     runs = log_evidence_runs(state)
     log_w = state.log_w.clone()
     if groups > 1:

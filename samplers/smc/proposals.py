@@ -13,12 +13,19 @@ from torch import Tensor
 from tiltsample.policy import DecodeSession
 from tiltsample.samplers.smc.config import SMCConfig
 from tiltsample.samplers.smc.numerics import add_log, row_seqs
-from tiltsample.samplers.smc.state import ParticleRows
+from tiltsample.samplers.smc.state import ParticleRows, Section
 from tiltsample.samplers.smc.twists.base import check_twist_output
 from tiltsample.target import TiltedTarget
 from tiltsample.types import Cost, Seq
 
-__all__ = ["adapt", "children", "complete_children", "prefix_potential", "twist_values"]
+__all__ = [
+    "adapt",
+    "adapt_sections",
+    "children",
+    "complete_children",
+    "prefix_potential",
+    "twist_values",
+]
 
 
 def complete_children(
@@ -157,33 +164,67 @@ def adapt(
     position: int,
     generator: torch.Generator,
 ) -> tuple[ParticleRows, Cost]:
-    """Draw the children twists of every live particle and add the pre-draw weight increment."""
+    """Draw the children twists of every live particle and add the pre-draw weight increment
+    (:func:`adapt_sections` with one section: every row, ``target``, ``generator``)."""
+    whole = Section(target, generator, slice(0, 0), slice(0, int(logp_all.shape[0])))
+    rows, costs = adapt_sections(config, session, rows, logp_all, position, [whole])
+    return rows, costs[0]
+
+
+def adapt_sections(
+    config: SMCConfig,
+    session: DecodeSession,
+    rows: ParticleRows,
+    logp_all: Tensor,
+    position: int,
+    parts: Sequence[Section],
+) -> tuple[ParticleRows, list[Cost]]:
+    r"""Draw the children twists of every live particle and add the pre-draw weight increment.
+
+    For every live row ``s`` (its section's target and generator)
+
+    .. math::
+
+        \log w_s \mathrel{+}= \log \sum_v p(v \mid s)\, \psi(s + v) - \log \psi(s),
+
+    and the children log-twists ``log psi(s + v)`` are kept in ``rows.pending`` for the draw.
+    One :func:`prefix_potential` call per section with a live row (none for a section whose
+    rows have all finished), so a section draws exactly what it draws alone. Returns the rows
+    and each section's cost.
+    """
     m, vocab = logp_all.shape
-    live_idx = (~rows.finished).nonzero().flatten()
+    eos = parts[0].target.eos_id
     pending = torch.full((m, vocab), -math.inf, dtype=torch.float64)
-    pending[:, target.eos_id] = 0.0  # finished rows: a point mass on EOS padding
+    pending[:, eos] = 0.0  # finished rows: a point mass on EOS padding
     pending_reward = torch.full((m, vocab), math.nan, dtype=torch.float64)
     log_next = rows.log_psi.clone()
-    cost = Cost()
-    if live_idx.numel():
-        prefixes = row_seqs(session.tokens(), live_idx, target.eos_id)
-        pot, child, rew, cost = prefix_potential(
-            config,
-            target,
-            prefixes,
-            rows.log_p[live_idx],
-            logp_all[live_idx],
-            position,
-            generator,
-            session,
-            live_idx,
-        )
-        assert child is not None and rew is not None
-        pending[live_idx] = child
-        pending_reward[live_idx] = rew
-        log_next[live_idx] = pot
-        live = ~rows.finished
+    live = ~rows.finished
+    costs: list[Cost] = []
+    for part in parts:
+        mine = torch.zeros(m, dtype=torch.bool)
+        mine[part.rows] = True
+        live_idx = (live & mine).nonzero().flatten()
+        cost = Cost()
+        if live_idx.numel():
+            prefixes = row_seqs(session.tokens(), live_idx, eos)
+            pot, child, rew, cost = prefix_potential(
+                config,
+                part.target,
+                prefixes,
+                rows.log_p[live_idx],
+                logp_all[live_idx],
+                position,
+                part.generator,
+                session,
+                live_idx,
+            )
+            assert child is not None and rew is not None
+            pending[live_idx] = child
+            pending_reward[live_idx] = rew
+            log_next[live_idx] = pot
+        costs.append(cost)
+    if bool(live.any()):
         updated = add_log(rows.log_w, log_next, rows.log_psi)
         rows.log_w = torch.where(live, updated, rows.log_w)
     rows.pending, rows.pending_reward, rows.log_next = pending, pending_reward, log_next
-    return rows, cost
+    return rows, costs

@@ -1,6 +1,7 @@
 """SMC state: the particles of many independent runs in one decode session (:class:`SMCState`),
 what a step reports (:class:`SMCInfo`), the mutable per-row arrays of a step
-(:class:`ParticleRows`), and ``init``/``done``."""
+(:class:`ParticleRows`), the per-target sections of a step (:class:`Section`), and
+``init``/``done``."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from torch import Tensor
 from tiltsample import validation
 from tiltsample.diffusion import is_masked_diffusion
 from tiltsample.policy import DecodeSession, open_session
+from tiltsample.row_generators import RowGenerators
 from tiltsample.target import TiltedTarget
 from tiltsample.types import Cost, Seq
 
@@ -21,9 +23,12 @@ __all__ = [
     "ParticleRows",
     "SMCInfo",
     "SMCState",
+    "Section",
+    "blank_state",
     "done",
     "init",
     "reference_paths",
+    "sections",
     "with_rows",
 ]
 
@@ -75,6 +80,41 @@ class SMCState(NamedTuple):
     tok_entropy: Tensor | None = None
     """``[M, t]`` Shannon entropy of ``p_ref(. | x_<s)`` at every position (0 on padding): the
     entropy-jump cut law of the moves."""
+    targets: tuple[TiltedTarget, ...] | None = None
+    """Several targets in one state (:func:`~tiltsample.samplers.smc.many.sample_many`): target
+    ``s`` owns the ``num_groups / len(targets)`` consecutive runs of section ``s`` (its rows
+    follow from the run layout); ``target`` is then ``targets[0]``, read only for what the
+    targets share (policy, EOS, cap, truncation). ``None``: every run samples ``target``."""
+    generators: RowGenerators | None = None
+    """With ``targets``: one generator per section (rows grouped by section); every draw of a
+    section comes from its generator, and the step's ``generator`` argument is not used."""
+
+
+class Section(NamedTuple):
+    """The part of a state that one target owns in a step: its target, the generator of its
+    draws, its runs and its rows (slices of the state's run and row axes)."""
+
+    target: TiltedTarget
+    generator: torch.Generator
+    runs: slice
+    rows: slice
+
+
+def sections(state: SMCState, generator: torch.Generator | None) -> list[Section]:
+    """The sections of ``state``: one per target of ``state.targets`` with its own generator, or
+    a single section (every run, ``state.target``, ``generator``) for a one-target state."""
+    n, groups = state.num_particles, state.num_groups
+    if state.targets is None:
+        if generator is None:
+            raise ValueError("an SMC step of a one-target state needs a generator")
+        return [Section(state.target, generator, slice(0, groups), slice(0, groups * n))]
+    if state.generators is None or len(state.generators.generators) != len(state.targets):
+        raise ValueError("a state with several targets needs one generator per target")
+    per = groups // len(state.targets)
+    return [
+        Section(t, gen, slice(s * per, (s + 1) * per), slice(s * per * n, (s + 1) * per * n))
+        for s, (t, gen) in enumerate(zip(state.targets, state.generators.generators, strict=True))
+    ]
 
 
 class SMCInfo(NamedTuple):
@@ -85,6 +125,9 @@ class SMCInfo(NamedTuple):
     """``[G]`` ESS at the resampling decision (NaN when the run had finished)."""
     resampled: Tensor
     """``[G]`` bool."""
+    section_costs: tuple[Cost, ...] = ()
+    """The cost each section (:func:`sections`) spent by itself: its generated tokens, its twist
+    and reward calls; the shared session's model calls and forward tokens are in ``cost`` only."""
 
 
 def reference_paths(target: TiltedTarget, reference: Sequence[Seq], groups: int) -> Tensor:
@@ -124,8 +167,21 @@ def init(
     n = validation.positive_int("num_particles", num_particles)
     g = validation.positive_int("num_groups", num_groups)
     ref = None if reference is None else reference_paths(target, reference, g)
+    session = open_session(target.policy, target.prompt, n * g)
+    return blank_state(target, session, n, g, ref)
+
+
+def blank_state(
+    target: TiltedTarget,
+    session: DecodeSession,
+    num_particles: int,
+    num_groups: int,
+    reference: Tensor | None = None,
+) -> SMCState:
+    """The state of :func:`init` on an open ``session`` of ``num_particles * num_groups`` empty
+    rows (``reference``: the ``[G, L]`` paths of :func:`reference_paths`, or ``None``)."""
+    n, g, ref = num_particles, num_groups, reference
     m = n * g
-    session = open_session(target.policy, target.prompt, m)
     f64 = torch.float64
     return SMCState(
         target=target,

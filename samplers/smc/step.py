@@ -3,6 +3,12 @@ tokens from the proposal, reweight (the true tilt on completion, the stored twis
 the fully adapted increment of the optimal proposal), resample each run whose ESS fell below the
 threshold, then apply the resample-move schedule.
 
+A state with several targets (:func:`~tiltsample.samplers.smc.many.sample_many`) is split into
+sections (:func:`~tiltsample.samplers.smc.state.sections`), one per target: every per-target
+computation (tilt, twists, the optimal proposal's children) and every draw (tokens, resampling)
+is made per section with the section's target and generator, in the order of the run alone, and
+a section whose rows have all finished computes and draws nothing.
+
 On a :class:`~tiltsample.policy.RolloutSession` (a serving engine) the extension is one decode
 request per block (:mod:`~tiltsample.samplers.smc.rollout_block`; configurations that need full
 next-token laws are refused there); the reweighting and resampling are the same."""
@@ -28,10 +34,17 @@ from tiltsample.samplers.smc.numerics import (
     safe_log_softmax,
     tempered,
 )
-from tiltsample.samplers.smc.proposals import adapt, twist_values
+from tiltsample.samplers.smc.proposals import adapt_sections, twist_values
 from tiltsample.samplers.smc.resampling import batched_resample, conditional_resample, ess_rows
 from tiltsample.samplers.smc.rollout_block import rollout_extend
-from tiltsample.samplers.smc.state import ParticleRows, SMCInfo, SMCState, with_rows
+from tiltsample.samplers.smc.state import (
+    ParticleRows,
+    Section,
+    SMCInfo,
+    SMCState,
+    sections,
+    with_rows,
+)
 from tiltsample.token_laws import TokenLaw, draw_tokens
 from tiltsample.types import Cost
 
@@ -41,14 +54,20 @@ __all__ = ["Resampling", "block_step", "kernel_from_config", "resample_runs"]
 class _Block:
     """The accumulators of one block step."""
 
-    def __init__(self, rows: ParticleRows) -> None:
-        self.cost = Cost()
-        self.generated = 0
+    def __init__(self, rows: ParticleRows, parts: list[Section]) -> None:
+        self.parts = parts
+        self.costs = [Cost()] * len(parts)
+        """Each section's own cost (twists, rewards; generated tokens added at the end)."""
+        self.generated = [0] * len(parts)
         self.inc = torch.zeros(rows.log_w.numel(), dtype=torch.float64)
         """Reference proposal: the block's ``sum (log p - log q)`` per row."""
         self.tok_lp: list[Tensor] = [rows.tok_log_p]
         self.tok_lq: list[Tensor] = [rows.tok_log_q_move]
         self.tok_h: list[Tensor] = [rows.tok_entropy]
+
+    def add(self, costs: list[Cost]) -> None:
+        """Add each section's cost."""
+        self.costs = [a + b for a, b in zip(self.costs, costs, strict=True)]
 
 
 def _reference_rows(state: SMCState) -> Tensor:
@@ -63,7 +82,6 @@ def _law_next(
     block: _Block,
     logp_all: Tensor,
     forced: bool,
-    generator: torch.Generator,
 ) -> Tensor:
     """The proposal's log-law ``[M, V]`` of the next token (the optimal proposal adapts the rows
     first; at the cap under ``truncation="condition"`` its law is a point mass on EOS)."""
@@ -71,8 +89,8 @@ def _law_next(
     if config.proposal != "optimal":
         return tempered(logp_all, config.temperature)
     if rows.pending is None:
-        rows, c = adapt(config, target, session, rows, logp_all, session.length, generator)
-        block.cost = block.cost + c
+        rows, c = adapt_sections(config, session, rows, logp_all, session.length, block.parts)
+        block.add(c)
     assert rows.pending is not None and rows.pending_reward is not None
     fallback = logp_all  # rows whose children all have weight 0 (dead particles)
     if forced:
@@ -88,7 +106,7 @@ def _next_tokens(
     block: _Block,
     logp_all: Tensor,
     forced: bool,
-    generator: torch.Generator,
+    generator: torch.Generator | None,
 ) -> Step:
     """One position of every row by the decode engine (:func:`decode_step`): drawn from the
     proposal, EOS at the cap under ``truncation="condition"`` (the optimal proposal's law is EOS
@@ -97,7 +115,7 @@ def _next_tokens(
     target, session = state.target, state.session
     m, eos, cap = rows.log_w.numel(), target.eos_id, target.max_new_tokens
     optimal = config.proposal == "optimal"
-    log_q_all = _law_next(config, state, rows, block, logp_all, forced, generator)
+    log_q_all = _law_next(config, state, rows, block, logp_all, forced)
     live = ~rows.finished
     forced_tok = is_forced = None
     if state.reference is not None:
@@ -109,6 +127,7 @@ def _next_tokens(
         if (optimal or not forced) and not bool((live & ~is_forced).any()):
             # only reference rows are live: the engine draws nothing, but SMC always drew one
             # token per row here; keep that draw so that the generator's stream is unchanged
+            assert generator is not None
             draw_tokens(generator, log_q_all)
     return decode_step(
         logp_all,
@@ -120,7 +139,7 @@ def _next_tokens(
         force_eos=target.truncation == "condition" and not optimal,
         forced=forced_tok,
         is_forced=is_forced,
-        generator=generator,
+        generator=generator if state.generators is None else state.generators,
         record_entropy=True,
     )
 
@@ -130,7 +149,7 @@ def _extend(
     state: SMCState,
     rows: ParticleRows,
     block: _Block,
-    generator: torch.Generator,
+    generator: torch.Generator | None,
 ) -> None:
     """Extend every unfinished particle by one token and book its laws (``rows`` and ``block``
     updated in place)."""
@@ -156,7 +175,10 @@ def _extend(
     block.tok_lq.append(torch.where(live, lq_move, zero)[:, None])
     assert out.entropy is not None
     block.tok_h.append(out.entropy[:, None])
-    block.generated += int(out.generated.sum())
+    block.generated = [
+        n + int(out.generated[part.rows].sum())
+        for n, part in zip(block.generated, block.parts, strict=True)
+    ]
     just = live & ~out.live
     if optimal:
         assert rows.pending is not None and rows.pending_reward is not None
@@ -174,43 +196,55 @@ def _reweight(
     rows: ParticleRows,
     live0: Tensor,
     inc: Tensor,
-    generator: torch.Generator,
+    parts: list[Section],
     *,
     adapted: bool,
-) -> Cost:
-    """The block's weight update of the rows unfinished before it (``live0``): reference proposal
-    (and every rollout-level block, ``adapted=False``), ``inc + log psi_new - log psi_old`` with
-    ``psi_new = G`` on completion and a fresh twist otherwise; token-level optimal proposal
-    (``adapted=True``), the next token's fully adapted increment (known before it is drawn)."""
-    target, session = state.target, state.session
-    eos = target.eos_id
+) -> list[Cost]:
+    r"""The block's weight update of the rows unfinished before it (``live0``); each section's
+    cost.
+
+    Reference proposal (and every rollout-level block, ``adapted=False``):
+    ``log w += inc + log psi_new - log psi_old`` with ``psi_new = G`` on completion and a fresh
+    twist otherwise (one tilt and one twist call per section with such rows). Token-level optimal
+    proposal (``adapted=True``): the next token's fully adapted increment (known before it is
+    drawn, :func:`~tiltsample.samplers.smc.proposals.adapt_sections`).
+    """
+    session = state.session
+    eos = state.target.eos_id
     if adapted:
         if not bool((~rows.finished).any()):
-            return Cost()
+            return [Cost()] * len(parts)
         logp_all = session.logprobs().to(torch.float64)
-        rows, cost = adapt(config, target, session, rows, logp_all, session.length, generator)
-        return cost
-    cost = Cost()
+        rows, costs = adapt_sections(config, session, rows, logp_all, session.length, parts)
+        return costs
     tokens = session.tokens()
-    newly = (live0 & rows.finished).nonzero().flatten()
-    still = (live0 & ~rows.finished).nonzero().flatten()
     new_psi = rows.log_psi.clone()
-    if newly.numel():
-        seqs = row_seqs(tokens, newly, eos)
-        scores = target.evaluate_tilt(seqs, log_reference=rows.log_p[newly])
-        new_psi[newly] = scores.log_tilt
-        if scores.reward is not None:
-            rows.reward[newly] = scores.reward
-        cost = cost + scores.cost
-    if still.numel():
-        seqs = row_seqs(tokens, still, eos)
-        values, c = twist_values(config, target, session, still, seqs, rows.log_p[still], generator)
-        new_psi[still] = values
-        cost = cost + c
+    costs = []
+    for part in parts:
+        mine = torch.zeros_like(live0)
+        mine[part.rows] = True
+        newly = (mine & live0 & rows.finished).nonzero().flatten()
+        still = (mine & live0 & ~rows.finished).nonzero().flatten()
+        cost = Cost()
+        if newly.numel():
+            seqs = row_seqs(tokens, newly, eos)
+            scores = part.target.evaluate_tilt(seqs, log_reference=rows.log_p[newly])
+            new_psi[newly] = scores.log_tilt
+            if scores.reward is not None:
+                rows.reward[newly] = scores.reward
+            cost = cost + scores.cost
+        if still.numel():
+            seqs = row_seqs(tokens, still, eos)
+            values, c = twist_values(
+                config, part.target, session, still, seqs, rows.log_p[still], part.generator
+            )
+            new_psi[still] = values
+            cost = cost + c
+        costs.append(cost)
     updated = add_log(rows.log_w, inc + new_psi, rows.log_psi)
     rows.log_w = torch.where(live0, updated, rows.log_w)
     rows.log_psi = new_psi
-    return cost
+    return costs
 
 
 class Resampling(NamedTuple):
@@ -226,12 +260,37 @@ class Resampling(NamedTuple):
     """``[G]`` bool."""
 
 
+def _ancestors(
+    config: SMCConfig, state: SMCState, lw: Tensor, resampled: Tensor, parts: list[Section]
+) -> Tensor:
+    """``[M]`` ancestor rows: each run of ``resampled`` draws its ancestors with its section's
+    generator (one vectorised draw per section, as alone); the other rows keep their own."""
+    n, groups = state.num_particles, state.num_groups
+    ancestors = torch.arange(n * groups)
+    for part in parts:
+        gs = resampled[part.runs].nonzero().flatten() + part.runs.start
+        if not gs.numel():
+            continue
+        weights = torch.exp(log_normalise(lw[gs]))
+        if state.reference is not None:
+            anc = conditional_resample(config.resampling, part.generator, weights)
+        else:
+            anc = batched_resample(config.resampling, part.generator, weights)
+        ancestors.view(groups, n)[gs] = gs[:, None] * n + anc
+    return ancestors
+
+
 def resample_runs(
-    config: SMCConfig, state: SMCState, rows: ParticleRows, generator: torch.Generator
+    config: SMCConfig,
+    state: SMCState,
+    rows: ParticleRows,
+    generator: torch.Generator | None,
 ) -> Resampling:
     """Resample each run whose ESS is below ``ess_threshold · N`` (never after its last block),
     conditionally when the state has reference paths; the evidence bookkeeping follows
-    ``config.convention``. ``rows`` and the session are reordered by the ancestors."""
+    ``config.convention``. ``rows`` and the session are reordered by the ancestors. The draws
+    come from ``generator`` or, for a state with several targets, from each section's own
+    (``generator`` may then be ``None``)."""
     n, groups = state.num_particles, state.num_groups
     log_z = state.log_z.clone()
     counts = state.resample_count.clone()
@@ -245,14 +304,8 @@ def resample_runs(
     log_z = torch.where(need & ~ok, torch.full_like(log_z, -math.inf), log_z)  # run failed
     resampled = need & ok
     if bool(resampled.any()):
-        ancestors = torch.arange(n * groups)
+        ancestors = _ancestors(config, state, lw, resampled, sections(state, generator))
         gs = resampled.nonzero().flatten()
-        weights = torch.exp(log_normalise(lw[gs]))
-        if state.reference is not None:
-            anc = conditional_resample(config.resampling, generator, weights)
-        else:
-            anc = batched_resample(config.resampling, generator, weights)
-        ancestors.view(groups, n)[gs] = gs[:, None] * n + anc
         if config.convention == "reset":
             log_z[gs] = log_z[gs] + level[gs]
             rows.log_w.view(groups, n)[gs] = 0.0
@@ -264,20 +317,39 @@ def resample_runs(
     return Resampling(log_z, counts, ess_now, resampled)
 
 
+def _check_sections(config: SMCConfig, state: SMCState, rollout: bool) -> None:
+    """Refuse what a state with several targets does not support (``ValueError``)."""
+    if state.targets is None:
+        return
+    if rollout:
+        raise ValueError("several targets in one SMC state need a token-level decode session")
+    if config.num_moves:
+        raise ValueError("num_moves must be 0 for several targets in one SMC state")
+    if state.reference is not None:
+        raise ValueError("conditional SMC (reference paths) takes one target per state")
+
+
 def block_step(
-    config: SMCConfig, generator: torch.Generator, state: SMCState
+    config: SMCConfig, generator: torch.Generator | None, state: SMCState
 ) -> tuple[SMCState, SMCInfo]:
-    """One block step of every run (the kernel of :func:`kernel_from_config`)."""
+    """One block step of every run (the kernel of :func:`kernel_from_config`).
+
+    ``generator`` draws everything for a one-target state; a state with several targets draws
+    from its own per-section generators and ignores it (it may be ``None``)."""
     session = state.session
     session_before = session.cost
     rows = ParticleRows(state)
     live0 = ~rows.finished
     rollout = isinstance(session, RolloutSession)
+    _check_sections(config, state, rollout)
+    parts = sections(state, generator)
+    costs = [Cost()] * len(parts)
     if rollout:  # one decode request for the block (refuses what needs full laws)
+        assert generator is not None
         ext = rollout_extend(config, state, rows, generator)
-        inc, generated, cost = ext.inc, ext.generated, Cost()
+        inc, generated = ext.inc, [ext.generated]
     else:
-        block = _Block(rows)
+        block = _Block(rows, parts)
         for _ in range(config.block_size):
             if not bool((~rows.finished).any()):
                 break
@@ -285,26 +357,31 @@ def block_step(
         rows.tok_log_p = torch.cat(block.tok_lp, dim=1)
         rows.tok_log_q_move = torch.cat(block.tok_lq, dim=1)
         rows.tok_entropy = torch.cat(block.tok_h, dim=1)
-        inc, generated, cost = block.inc, block.generated, block.cost
+        inc, generated, costs = block.inc, block.generated, block.costs
     adapted = config.proposal == "optimal" and not rollout
-    cost = cost + _reweight(config, state, rows, live0, inc, generator, adapted=adapted)
+    extra = _reweight(config, state, rows, live0, inc, parts, adapted=adapted)
+    own = tuple(
+        c + e + Cost(generated_tokens=g) for c, e, g in zip(costs, extra, generated, strict=True)
+    )
     res = resample_runs(config, state, rows, generator)
+    cost = sum(own, Cost())
     accepted = proposed = 0
     if config.num_moves and state.reference is None:
         # after every block, in every run, resampled or not: a schedule that depends on t only
         # (moving only after an ESS-triggered resampling would tie the moves to the weights)
+        assert generator is not None
         rows, c, accepted, proposed = move_particles(
             config, state.target, session, rows, config.num_moves, generator
         )
         cost = cost + c
-    cost = cost + Cost(generated_tokens=generated) + cost_delta(session.cost, session_before)
+    cost = cost + cost_delta(session.cost, session_before)
     new_state = with_rows(state, rows, cost, accepted, proposed)._replace(
         log_z=res.log_z,
         steps=state.steps + 1,
         resample_count=res.counts,
         ess_history=(*state.ess_history, res.ess),
     )
-    return new_state, SMCInfo(cost, res.ess, res.resampled)
+    return new_state, SMCInfo(cost, res.ess, res.resampled, own)
 
 
 def kernel_from_config(config: SMCConfig) -> Any:
