@@ -76,7 +76,8 @@ Modules
     :mod:`~.masked_diffusion` (one guidance step), :mod:`~.continuous` with :mod:`~.chains` and
     :mod:`~.schedule` (continuous batching), :mod:`~.rollout` (the K-rollout estimator),
     :mod:`~.proposal` (ETS-IS), :mod:`~.potentials` (the estimator as a reusable potential),
-    :mod:`~.algorithm` (``build_kernel``, ``sampler``).
+    :mod:`~.algorithm` (``build_kernel``, ``sampler``), :mod:`~.many` (``sample_many``: the
+    runs of several targets, one per problem, as one batched job).
 
 References
 ----------
@@ -97,6 +98,7 @@ from tiltsample.samplers.ets.config import (
     make_config,
     num_guidance_steps,
 )
+from tiltsample.samplers.ets.many import sample_many
 from tiltsample.samplers.ets.potentials import DiffusionRolloutPotential, RolloutPotential
 from tiltsample.samplers.ets.scoring import AnswerCache
 from tiltsample.samplers.ets.selection import selection_probabilities
@@ -119,6 +121,7 @@ __all__ = [
     "make_config",
     "num_guidance_steps",
     "result",
+    "sample_many",
     "sampler",
     "selection_probabilities",
 ]

@@ -56,6 +56,7 @@ from tiltsample.decode_engine import score_continuations
 from tiltsample.decoding import decode_until_complete, rows_to_seqs
 from tiltsample.diffusion import MaskedDiffusionPolicy, denoise, states_to_seqs
 from tiltsample.policy import DecodeSession, RolloutSession
+from tiltsample.row_generators import RowGenerators
 from tiltsample.samplers.ets.proposal import clip_log_ratio
 from tiltsample.target import TiltedTarget
 from tiltsample.types import Cost, Seq
@@ -87,6 +88,8 @@ class RolloutBatch(NamedTuple):
     cost: Cost
     row_passes: int = 0
     """Masked diffusion only: denoiser passes counted per row."""
+    row_tokens: Tensor | None = None
+    """Autoregressive only: ``[R·K]`` generated tokens of every rollout (EOS included)."""
 
 
 class Scores(NamedTuple):
@@ -169,7 +172,7 @@ def rollouts_from_sessions(
     session: DecodeSession,
     proposal_session: DecodeSession | None,
     num_rollouts: int,
-    generator: torch.Generator,
+    generator: torch.Generator | RowGenerators,
     *,
     temperature: float = 1.0,
     is_log_ratio_clip: float | None = None,
@@ -184,9 +187,15 @@ def rollouts_from_sessions(
     at ``temperature``; with one, by the proposal at ``temperature``, and ``p_ref`` scores the
     rollout tokens by teacher forcing on its fork (one model call for all of them when the session
     has ``extend_and_score``).
+
+    ``generator`` may give every row of ``session`` its own generator
+    (:class:`~tiltsample.row_generators.RowGenerators`, one group per independent run): the
+    ``K`` rollouts of a row then draw from the row's generator.
     """
     rows = session.batch_size
     rep = torch.arange(rows).repeat_interleave(num_rollouts)
+    if isinstance(generator, RowGenerators) and num_rollouts > 1:
+        generator = generator.subset(rep)
     # the prefixes are pushed through the model once, before expansion (a rollout-level session,
     # i.e. a serving engine with prefix caching, shares them without it)
     for s in (session, proposal_session):
@@ -233,7 +242,7 @@ def rollouts_from_sessions(
     log_ratio, clipped = clip_log_ratio(log_ratio, is_log_ratio_clip)
     seqs = rows_to_seqs(torch.cat([prefix_rows, dec.tokens], dim=1), target.eos_id)
     cost = ref.cost + extra + Cost(generated_tokens=dec.generated_tokens)
-    return RolloutBatch(seqs, log_ratio, log_ref, clipped, cost)
+    return RolloutBatch(seqs, log_ratio, log_ref, clipped, cost, row_tokens=dec.new_lengths)
 
 
 def diffusion_rollouts(

@@ -15,7 +15,7 @@ from tiltsample.samplers.ets.rollout import Scores, TiltScorer
 from tiltsample.target import TiltedTarget
 from tiltsample.types import Cost, Seq
 
-__all__ = ["AnswerCache", "Scorer"]
+__all__ = ["AnswerCache", "GroupScorer", "Scorer"]
 
 
 class AnswerCache(NamedTuple):
@@ -133,3 +133,57 @@ class Scorer:
             )
             cost = cost + extra.cost
         return Scores(log_tilt, reward, cost), caches
+
+
+class GroupScorer:
+    """Scores the complete sequences of chains of several targets (independent runs batched in
+    one session): the sequences owned by the chains of group ``g`` go, in their order, to
+    ``scorers[g]`` — one call per group, as the run of target ``g`` makes alone.
+
+    Parameters
+    ----------
+    scorers
+        One :class:`Scorer` per group (target); they must agree on whether a tilt term reads
+        ``log p_ref`` (the caller checks it): ``target`` is the first scorer's.
+    group
+        The group of every chain (indexed by the batch-local chain index that callers pass as
+        ``owners``).
+
+    Attributes
+    ----------
+    costs
+        The scoring cost of every group so far (reward calls), summed over the calls.
+    """
+
+    def __init__(self, scorers: Sequence[Scorer], group: Sequence[int]) -> None:
+        self.scorers = list(scorers)
+        self.group = [int(g) for g in group]
+        self.target = self.scorers[0].target
+        self.costs = [Cost() for _ in self.scorers]
+
+    def __call__(
+        self,
+        seqs: list[Seq],
+        log_reference: Tensor | None,
+        owners: list[int],
+        caches: list[AnswerCache] | None,
+    ) -> tuple[Scores, list[AnswerCache] | None]:
+        by_group: dict[int, list[int]] = {}
+        for j, c in enumerate(owners):
+            by_group.setdefault(self.group[c], []).append(j)
+        log_tilt = torch.zeros(len(seqs), dtype=torch.float64)
+        reward = torch.full((len(seqs),), math.nan, dtype=torch.float64)
+        has_reward = False
+        total = Cost()
+        for g, idx in sorted(by_group.items()):
+            refs = None if log_reference is None else log_reference[idx]
+            scores, caches = self.scorers[g](
+                [seqs[j] for j in idx], refs, [owners[j] for j in idx], caches
+            )
+            log_tilt[idx] = scores.log_tilt.to(torch.float64)
+            if scores.reward is not None:
+                reward[idx] = scores.reward.to(torch.float64)
+                has_reward = True
+            self.costs[g] = self.costs[g] + scores.cost
+            total = total + scores.cost
+        return Scores(log_tilt, reward if has_reward else None, total), caches

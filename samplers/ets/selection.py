@@ -11,9 +11,10 @@ import torch
 from torch import Tensor
 
 from tiltsample.results import Selection
+from tiltsample.row_generators import RowGenerators
 from tiltsample.samplers.ets.config import ETSConfig
 from tiltsample.samplers.ets.rollout import log_mean_energy, needs_reference
-from tiltsample.samplers.ets.scoring import AnswerCache, Scorer
+from tiltsample.samplers.ets.scoring import AnswerCache, GroupScorer, Scorer
 from tiltsample.samplers.ets.state import Batch
 from tiltsample.types import Cost, Seq
 
@@ -21,6 +22,7 @@ __all__ = [
     "Estimates",
     "Scored",
     "candidate_log_weights",
+    "draw_choices",
     "score_candidates",
     "select_and_update",
     "selection_probabilities",
@@ -39,6 +41,8 @@ class Estimates(NamedTuple):
     passes: int
     """Masked diffusion: the rollouts' denoiser passes, counted per row."""
     cost: Cost
+    row_tokens: Tensor | None = None
+    """Autoregressive rollouts: ``[R·K]`` generated tokens of every rollout."""
 
 
 def selection_probabilities(log_weights: Tensor) -> tuple[Tensor, Tensor]:
@@ -51,6 +55,21 @@ def selection_probabilities(log_weights: Tensor) -> tuple[Tensor, Tensor]:
     valid = torch.isfinite(lw).any(dim=1, keepdim=True)
     safe = torch.where(valid, lw, torch.zeros_like(lw))
     return torch.softmax(safe, dim=1), ~valid.squeeze(1)
+
+
+def draw_choices(probs: Tensor, generator: torch.Generator | RowGenerators) -> Tensor:
+    """``[n]`` one index per row of ``probs`` ``[n, M]``: ``torch.multinomial`` over all rows
+    with ``generator``, or, with :class:`~tiltsample.row_generators.RowGenerators`, one
+    multinomial over the rows of each group (that has rows) with the group's generator — the draw
+    each independent run makes alone."""
+    if isinstance(generator, torch.Generator):
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    chosen = torch.zeros(probs.shape[0], dtype=torch.long)
+    for g, gen in enumerate(generator.generators):
+        rows = generator.rows_of(g)
+        if rows.numel():
+            chosen[rows] = torch.multinomial(probs[rows], 1, generator=gen).squeeze(1)
+    return chosen
 
 
 def candidate_log_weights(log_a: Tensor, log_e: Tensor) -> Tensor:
@@ -78,13 +97,14 @@ def select_and_update(
     log_w: Tensor,
     cand_ref: Tensor,
     scored: Scored,
-    generator: torch.Generator,
+    generator: torch.Generator | RowGenerators,
 ) -> tuple[Batch, Tensor, Tensor, list[int]]:
-    """Draw one candidate per live chain; return the updated batch fields and which rows go on."""
+    """Draw one candidate per live chain (:func:`draw_choices`; a ``RowGenerators`` has one row
+    per live chain); return the updated batch fields and which rows go on."""
     m = cfg.num_candidates
     n_live = len(batch.live)
     probs, failed_now = selection_probabilities(log_w)
-    chosen = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    chosen = draw_choices(probs, generator)
     outputs = list(batch.outputs)
     rewards = batch.rewards.clone()
     failed = batch.failed.clone()
@@ -124,7 +144,7 @@ def select_and_update(
 
 def score_candidates(
     cfg: ETSConfig,
-    scorer: Scorer,
+    scorer: Scorer | GroupScorer,
     batch: Batch,
     cand_seqs: list[Seq | None],
     cand_ref: Tensor,

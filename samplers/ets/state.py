@@ -53,6 +53,9 @@ class Batch(NamedTuple):
     first_log_weights: Tensor | None
     cost: Cost
     counters: dict[str, int]
+    chain_counts: Tensor | None = None
+    """Autoregressive lock step: ``[n, 3]`` long, per chain the candidate tokens, rollout tokens
+    and rollouts so far (the per-chain split of ``counters``; None where not tracked)."""
 
 
 class ETSState(NamedTuple):
@@ -110,15 +113,20 @@ def init(
     return ETSState(target, num_samples, min(size, num_samples), None, ())
 
 
-def start_batch(state: ETSState, cfg: ETSConfig) -> Batch:
-    """The next batch of chains, nothing generated yet (its sessions or states opened)."""
+def start_batch(state: ETSState, cfg: ETSConfig, session: DecodeSession | None = None) -> Batch:
+    """The next batch of chains, nothing generated yet (its sessions or states opened).
+
+    ``session`` (autoregressive): the batch's rows, already opened (e.g. a multi-prompt session
+    of chains of several targets); default: a session of ``n`` rows after the target's prompt.
+    """
     target = state.target
     n = min(state.batch_size, state.remaining)
-    session = proposal_session = states = None
+    proposal_session = states = None
     if is_masked_diffusion(target.policy):
         states = initial_states(target.policy, n)  # type: ignore[arg-type]
     else:
-        session = open_session(target.policy, target.prompt, n)
+        if session is None:
+            session = open_session(target.policy, target.prompt, n)
         if cfg.proposal is not None and cfg.potential is None:
             proposal_session = open_session(cfg.proposal, target.prompt, n)
     sc = cfg.reward_mode == "self-consistency"
@@ -145,6 +153,7 @@ def start_batch(state: ETSState, cfg: ETSConfig) -> Batch:
             "clipped": 0,
             "denoiser_passes": 0,
         },
+        chain_counts=None if session is None else torch.zeros((n, 3), dtype=torch.long),
     )
 
 
