@@ -17,11 +17,20 @@ Output
 Cost per step
     One forward token per live beam, one reward call per complete candidate and term, potential
     calls for unfinished candidates.
+Many problems at once
+    :func:`tiltsample.samplers.beam_many.sample_many` runs the searches of several targets (one
+    per problem) as one job: their beams are rows of one multi-prompt session, grouped by target,
+    each group keeping its own ``num_beams`` best (:func:`expand_rows` is the step both paths
+    share), so each result is the one the search returns alone.
+
+The beams live in tensors (:class:`BeamRows`: tokens ``[B, t]``, lengths, scores); tuples are built
+only for the complete candidates the reward reads and for the returned hypotheses.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -36,13 +45,37 @@ from tiltsample.target import TiltedTarget
 from tiltsample.types import Cost, Seq
 
 
-class BeamState(NamedTuple):
-    target: TiltedTarget
-    session: DecodeSession
-    beams: list[Seq]
+class BeamRows(NamedTuple):
+    """The hypotheses of one or several searches, one row each, rows grouped by search.
+
+    Attributes
+    ----------
+    tokens
+        ``[B, t]`` long: the tokens of every hypothesis; a finished one is padded with EOS.
+    lengths
+        ``[B]`` long: the length of every hypothesis (EOS included).
+    log_reference
+        ``[B]`` float64: ``log p_ref`` of every hypothesis.
+    scores
+        ``[B]`` float64: the beam scores (see the module docstring).
+    finished
+        ``[B]`` bool: whether the hypothesis is a complete response.
+    group
+        ``[B]`` long, non-decreasing: the search (target) each row belongs to.
+    """
+
+    tokens: Tensor
+    lengths: Tensor
     log_reference: Tensor
     scores: Tensor
     finished: Tensor
+    group: Tensor
+
+
+class BeamState(NamedTuple):
+    target: TiltedTarget
+    session: DecodeSession
+    rows: BeamRows
     num_samples: int
     cost: Cost
 
@@ -52,21 +85,136 @@ class BeamInfo(NamedTuple):
     num_finished: int
 
 
+def empty_rows(num_groups: int) -> BeamRows:
+    """One empty hypothesis per search (the start of ``num_groups`` searches)."""
+    zero = torch.zeros(num_groups, dtype=torch.float64)
+    return BeamRows(
+        torch.zeros((num_groups, 0), dtype=torch.long),
+        torch.zeros(num_groups, dtype=torch.long),
+        zero,
+        zero.clone(),
+        torch.zeros(num_groups, dtype=torch.bool),
+        torch.arange(num_groups),
+    )
+
+
+def rows_to_seqs(tokens: Tensor, lengths: Tensor) -> list[Seq]:
+    """The hypotheses ``tokens[i, :lengths[i]]`` as :data:`~tiltsample.types.Seq` tuples."""
+    return [tuple(row[:n]) for row, n in zip(tokens.tolist(), lengths.tolist(), strict=True)]
+
+
+def expand_rows(
+    targets: Sequence[TiltedTarget],
+    rows: BeamRows,
+    log_p: Tensor,
+    width: int,
+    potential: PrefixPotential | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[BeamRows, Tensor, list[Cost]]:
+    """One beam-search step of every search: expand, score, keep each group's ``width`` best.
+
+    Parameters
+    ----------
+    targets
+        One target per group (they share the cap, truncation rule and EOS).
+    rows
+        The current hypotheses, all of length ``t``.
+    log_p
+        ``[B, V]`` float64 next-token log-probs of every row (rows of finished hypotheses are
+        ignored).
+    width
+        Beams kept per group.
+    potential, generator
+        Optional prefix potential scoring unfinished candidates (one group only).
+
+    Returns
+    -------
+    BeamRows, Tensor, list of Cost
+        The kept hypotheses (best first within each group; ties: lower beam index, then lower
+        token id), the index of each one's parent row, and each group's reward and potential cost.
+    """
+    first = targets[0]
+    eos, cap = first.eos_id, first.max_new_tokens
+    condition = first.truncation == "condition"
+    t = int(rows.tokens.shape[1])
+    fin = rows.finished
+    vocab = int(log_p.shape[1])
+    # candidates as a [beams, V] grid read in row-major (beam, token) order: every token of
+    # positive probability of a live beam, and one entry (the EOS column) per finished beam
+    lp_grid = rows.log_reference[:, None] + log_p
+    valid = (lp_grid > -math.inf) & ~fin[:, None]
+    if condition and t == cap - 1:
+        valid[:, torch.arange(vocab) != eos] = False
+    valid[:, eos] |= fin
+    lp_grid[:, eos] = torch.where(fin, rows.log_reference, lp_grid[:, eos])
+    flat = valid.flatten().nonzero().flatten()
+    parent_of = torch.div(flat, vocab, rounding_mode="floor")
+    token_of = flat - parent_of * vocab
+    lp = lp_grid.flatten()[flat]
+    was_done = fin[parent_of]
+    ends_all = not condition and t + 1 == cap  # truncation: every candidate is complete
+    complete = ~was_done if ends_all else (token_of == eos) & ~was_done
+    cgroup = rows.group[parent_of]
+    scores = torch.where(was_done, rows.scores[parent_of], lp)
+    extra = [Cost()] * len(targets)
+
+    def seqs_of(idx: Tensor) -> list[Seq]:
+        grown = torch.cat([rows.tokens[parent_of[idx]], token_of[idx, None]], dim=1)
+        return [tuple(x) for x in grown.tolist()]
+
+    idx_c = complete.nonzero().flatten()
+    if len(idx_c):
+        seqs, lp_c = seqs_of(idx_c), lp[idx_c]
+        tilt = torch.empty(len(idx_c), dtype=torch.float64)
+        start = 0
+        counts = (
+            [len(seqs)]
+            if len(targets) == 1
+            else torch.bincount(cgroup[idx_c], None, len(targets)).tolist()
+        )
+        for g, n in enumerate(counts):
+            if n:
+                part = slice(start, start + n)
+                scored = targets[g].evaluate_tilt(seqs[part], log_reference=lp_c[part])
+                tilt[part] = scored.log_tilt
+                extra[g] = extra[g] + scored.cost
+                start += n
+        scores[idx_c] = torch.where(torch.isneginf(tilt), tilt, lp_c + tilt)
+    if potential is not None:
+        if generator is None or len(targets) != 1:
+            raise ValueError("expand_rows: a prefix potential needs one target and a generator")
+        idx_u = (~complete & ~was_done).nonzero().flatten()
+        if len(idx_u):
+            psi, pcost = potential.log_potential(first.prompt, seqs_of(idx_u), generator)
+            extra[0] = extra[0] + pcost
+            scores[idx_u] = torch.where(torch.isneginf(psi), psi, lp[idx_u] + psi.to(torch.float64))
+    # stable sorts: ties keep (beam, token) order; then (stably) by group
+    by_score = torch.sort(-scores, stable=True).indices
+    if len(targets) == 1:
+        order = by_score[:width]
+    else:
+        ranked = by_score[torch.sort(cgroup[by_score], stable=True).indices]
+        counts_t = torch.bincount(cgroup, None, len(targets))
+        starts = torch.cumsum(counts_t, 0) - counts_t
+        order = ranked[torch.arange(len(ranked)) - starts[cgroup[ranked]] < width]
+    parents = parent_of[order]
+    done_o = was_done[order]
+    new = BeamRows(
+        torch.cat([rows.tokens[parents], token_of[order].masked_fill(done_o, eos)[:, None]], 1),
+        rows.lengths[parents].masked_fill(~done_o, t + 1),
+        lp[order],
+        scores[order],
+        (complete | was_done)[order],
+        cgroup[order],
+    )
+    return new, parents, extra
+
+
 def init(target: TiltedTarget, *, generator: torch.Generator, num_samples: int = 1) -> BeamState:
     """One empty beam."""
     validation.positive_int("num_samples", num_samples)
     session = open_session(target.policy, target.prompt, 1)
-    zero = torch.zeros(1, dtype=torch.float64)
-    return BeamState(
-        target,
-        session,
-        [()],
-        zero,
-        zero.clone(),
-        torch.zeros(1, dtype=torch.bool),
-        num_samples,
-        Cost(),
-    )
+    return BeamState(target, session, empty_rows(1), num_samples, Cost())
 
 
 def build_kernel(num_beams: int = 4, potential: PrefixPotential | None = None) -> Any:
@@ -78,114 +226,57 @@ def build_kernel(num_beams: int = 4, potential: PrefixPotential | None = None) -
         )
 
     def step(generator: torch.Generator, state: BeamState) -> tuple[BeamState, BeamInfo]:
-        target = state.target
-        eos, cap = target.eos_id, target.max_new_tokens
-        condition = target.truncation == "condition"
         session = state.session
         before = session.cost
         log_p = session.logprobs().to(torch.float64)
-        t = session.length
-        fin = state.finished
-        vocab = int(log_p.shape[1])
-        # candidates as a [beams, V] grid read in row-major (beam, token) order: every token of
-        # positive probability of a live beam, and one entry (the EOS column) per finished beam
-        lp_grid = state.log_reference[:, None] + log_p
-        valid = (lp_grid > -math.inf) & ~fin[:, None]
-        if condition and t == cap - 1:
-            valid[:, torch.arange(vocab) != eos] = False
-        if bool(fin.any()):
-            valid[fin] = False
-            valid[fin, eos] = True
-            lp_grid[fin, eos] = state.log_reference[fin]
-        flat = valid.flatten().nonzero().flatten()
-        parent_of = flat // vocab
-        token_of = flat % vocab
-        lp = lp_grid.flatten()[flat]
-        was_done = fin[parent_of]
-        ends = token_of == eos
-        if not condition and t + 1 == cap:
-            ends = torch.ones_like(ends)
-        complete = ends & ~was_done
-
-        def seq_of(i: int) -> Seq:
-            return (*state.beams[int(parent_of[i])], int(token_of[i]))
-
-        scores = torch.empty(len(flat), dtype=torch.float64)
-        scores[was_done] = state.scores[parent_of[was_done]]
-        extra = Cost()
-        idx_c = complete.nonzero().flatten().tolist()
-        if idx_c:
-            tilt = target.evaluate_tilt([seq_of(i) for i in idx_c], log_reference=lp[idx_c])
-            extra = extra + tilt.cost
-            scores[idx_c] = torch.where(
-                torch.isneginf(tilt.log_tilt), tilt.log_tilt, lp[idx_c] + tilt.log_tilt
-            )
-        unfinished = ~complete & ~was_done
-        if potential is None:
-            scores[unfinished] = lp[unfinished]
-        else:
-            idx_u = unfinished.nonzero().flatten().tolist()
-            if idx_u:
-                psi, pcost = potential.log_potential(
-                    target.prompt, [seq_of(i) for i in idx_u], generator
-                )
-                extra = extra + pcost
-                scores[idx_u] = torch.where(
-                    torch.isneginf(psi), psi, lp[idx_u] + psi.to(torch.float64)
-                )
-        # stable sort: ties keep (beam, token) order
-        order = torch.sort(-scores, stable=True).indices[:width]
-        keep = order.tolist()
-        parents = parent_of[order]
-        tokens = torch.where(was_done[order], torch.full_like(parents, eos), token_of[order])
-        beams = [state.beams[int(parent_of[i])] if bool(was_done[i]) else seq_of(i) for i in keep]
-        live_before = int((~state.finished).sum())
+        live_before = int((~state.rows.finished).sum())
+        new, parents, extra = expand_rows(
+            [state.target], state.rows, log_p, width, potential, generator
+        )
         session.select(parents)
-        finished = (complete | was_done)[order]
+        finished = new.finished
         if not bool(finished.all()):
-            session.extend(tokens)
+            session.extend(new.tokens[:, -1])
         after = session.cost
-        step_cost = extra + Cost(
+        step_cost = extra[0] + Cost(
             generated_tokens=live_before,
             forward_tokens=after.forward_tokens - before.forward_tokens,
             model_calls=after.model_calls - before.model_calls,
         )
-        new = state._replace(
-            beams=beams,
-            log_reference=lp[order],
-            scores=scores[order],
-            finished=finished,
-            cost=state.cost + step_cost,
-        )
-        return new, BeamInfo(step_cost, int(finished.sum()))
+        new_state = state._replace(rows=new, cost=state.cost + step_cost)
+        return new_state, BeamInfo(step_cost, int(finished.sum()))
 
     return step
 
 
 def done(state: BeamState) -> bool:
-    return bool(state.finished.all())
+    return bool(state.rows.finished.all())
+
+
+def top_hypotheses(rows: BeamRows, n: int, cost: Cost) -> SampleSet:
+    """The first ``n`` rows as a result (best first), refused when fewer than ``n`` exist."""
+    count = int(rows.tokens.shape[0])
+    if count < n:
+        raise ValueError(
+            f"beam search finished with {count} hypotheses < num_samples={n}; raise num_beams"
+        )
+    scores = rows.scores[:n]
+    # a hypothesis of zero target density (a violated constraint) is a failed draw
+    failed = torch.isneginf(scores)
+    return SampleSet(
+        rows_to_seqs(rows.tokens[:n], rows.lengths[:n]),
+        torch.where(failed, -math.inf, 0.0).to(torch.float64),
+        cost,
+        None,
+        rows.log_reference[:n],
+        None,
+        {"scores": scores.tolist()},
+    )
 
 
 def result(state: BeamState) -> SampleSet:
     """The best ``num_samples`` finished hypotheses, best first."""
-    n = state.num_samples
-    if len(state.beams) < n:
-        raise ValueError(
-            f"beam search finished with {len(state.beams)} hypotheses < num_samples={n}; "
-            "raise num_beams"
-        )
-    scores = state.scores[:n]
-    # a hypothesis of zero target density (a violated constraint) is a failed draw
-    failed = torch.isneginf(torch.as_tensor(scores, dtype=torch.float64))
-    return SampleSet(
-        state.beams[:n],
-        torch.where(failed, -math.inf, 0.0).to(torch.float64),
-        state.cost,
-        None,
-        state.log_reference[:n],
-        None,
-        {"scores": scores.tolist()},
-    )
+    return top_hypotheses(state.rows, state.num_samples, state.cost)
 
 
 def sampler(
