@@ -235,22 +235,24 @@ def test_masked_diffusion_recipes(tmp_path: Path) -> None:
 
 
 def test_batched_cells_give_the_records_of_cells_run_alone(tmp_path: Path) -> None:
-    """``batch_problems`` (the default) runs the ancestral / best-of-n / MH cells of all problems
-    as one job per (recipe, budget): every record has the response, verdict, generated tokens and
+    """``batch_problems`` (the default) runs the cells of every default recipe on all problems as
+    one job per (recipe, budget): every record has the response, verdict, generated tokens and
     reward calls of the cell run alone; the shared model calls are apportioned (fewer in all);
     an interrupted batched run resumes to the same file as one that ran through."""
     kw: dict[str, Any] = {
         "profile": "test",
         "num_problems": 4,
         "budgets": [1, 4],
-        "samplers": ["ancestral", "low-temperature", "majority", "best-of-n", "power", "qalign"],
+        "samplers": None,  # every default recipe
         "progress": False,
     }
     alone = run_compare(out_dir=tmp_path / "alone", batch_problems=False, **kw)
     batched = run_compare(out_dir=tmp_path / "batched", **kw)
     same = ("sampler", "budget", "problem", "repeat", "correct", "answer", "response")
     same += ("generated_tokens", "reward_calls")
-    assert len(alone.records) == len(batched.records) == 4 * (2 + 2 + 2 + 1 + 1)
+    # ancestral, low-temperature; majority, best-of-n, beam at k = 1, 4; ets, smc, power-smc,
+    # power, entropy-cut, qalign at k = 4
+    assert len(alone.records) == len(batched.records) == 4 * (2 + 2 * 3 + 6)
     for a, b in zip(alone.records, batched.records, strict=True):
         assert {k: a[k] for k in same} == {k: b[k] for k in same}
         assert b["batched"] == 4 and "batched" not in a

@@ -146,13 +146,20 @@ def test_a_cell_that_raises_is_recorded_and_the_run_goes_on(
     import tiltsample.app.compare as compare
 
     real = compare.run_cell
+    real_batched = compare.run_batched
 
     def flaky(cell: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         if cell.recipe.label == "smc" and cell.problem == 1:
             raise RuntimeError("out of particles")
         return real(cell, *args, **kwargs)
 
+    def flaky_batched(cells: Any, *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        if any(c.recipe.label == "smc" and c.problem == 1 for c in cells):
+            raise RuntimeError("out of particles")  # the unit's cells then run alone
+        return real_batched(cells, *args, **kwargs)
+
     monkeypatch.setattr(compare, "run_cell", flaky)
+    monkeypatch.setattr(compare, "run_batched", flaky_batched)
     result = _compare(tmp_path)
     failed = [r for r in result.records if "error" in r]
     assert failed == [

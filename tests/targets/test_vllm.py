@@ -314,9 +314,10 @@ def test_sample_with_a_model_on_the_engine(
 def test_token_level_recipes_are_exactly_those_that_need_laws(rollout_only: VLLMPolicy) -> None:
     """``compare`` leaves out :data:`~tiltsample.app.recipes.TOKEN_LEVEL` on a rollout-only
     engine: each recipe at its smallest budget raises ``TokenLevelAccessError`` there iff it is
-    listed."""
+    listed (the recipes as compare runs them there: :func:`~tiltsample.app.recipes.
+    for_rollout_engine`)."""
     problem = held_out_problems(1)[0]
-    for recipe in recipes.RECIPES:
+    for recipe in map(recipes.for_rollout_engine, recipes.RECIPES):
         conf = next(c for c in map(recipe.configure, (1, 2, 4)) if c is not None)
         n, params = conf
         base = problem_target(problem, rollout_only, lam=0.5, max_new_tokens=14)

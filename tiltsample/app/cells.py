@@ -4,7 +4,7 @@ batched run of one configuration over many problems.
 A *cell* is one recipe at one budget on one problem (and one repeat); its randomness is its own
 seed (:func:`cell_seed`), whatever runs it. :func:`units` groups the cells still to run: the
 cells of one (recipe, budget, repeat) whose sampler can run many problems in one batched job
-(:data:`BATCHED`: ``ancestral``, ``best-of-n`` and the MH recipes, through their ``sample_many``)
+(:data:`BATCHED`: every recipe of the autoregressive model, through the samplers' ``sample_many``)
 form one unit, every other cell is a unit of its own. :func:`run_batched` runs a unit: all its
 problems' rows in one multi-prompt session, problem ``i`` drawing only from its cell's generator
 (:class:`~tiltsample.row_generators.RowGenerators`; the MH chains' own streams seeded from it),
@@ -41,18 +41,35 @@ __all__ = [
     "units",
 ]
 
-BATCHED = ("ancestral", "best-of-n", "power", "entropy-cut", "qalign")
+BATCHED = (
+    "ancestral",
+    "best-of-n",
+    "power",
+    "entropy-cut",
+    "qalign",
+    "smc",
+    "power-smc",
+    "ets",
+    "beam",
+)
 """Samplers whose cells run many problems in one batched job (they have a ``sample_many`` taking
 one generator per problem; the MH samplers under ``batching="continuous"`` only)."""
 
 MH_SAMPLERS = ("power", "entropy-cut", "qalign")
 
+TOKEN_LEVEL_BATCHED = ("smc", "power-smc", "ets", "beam")
+"""Batched runs that need token-level sessions (not a rollout-only engine such as vLLM)."""
 
-def batchable(cell: Cell) -> bool:
-    """Whether ``cell`` can share a batched job with the same configuration on other problems."""
-    if cell.recipe.name not in BATCHED or cell.recipe.target == "dlm-verifier":
+
+def batchable(cell: Cell, rollout_engine: bool = False) -> bool:
+    """Whether ``cell`` can share a batched job with the same configuration on other problems
+    (``rollout_engine``: the model runs on a rollout-only engine)."""
+    name = cell.recipe.name
+    if name not in BATCHED or cell.recipe.target == "dlm-verifier":
         return False
-    if cell.recipe.name in MH_SAMPLERS:
+    if rollout_engine and name in TOKEN_LEVEL_BATCHED:
+        return False
+    if name in MH_SAMPLERS:
         return cell.params.get("batching") == "continuous"
     return True
 
@@ -60,12 +77,22 @@ def batchable(cell: Cell) -> bool:
 def many_runner(name: str) -> Callable[..., list[Any]]:
     """``run(targets, num_samples, generators, **params)`` of sampler ``name`` (in
     :data:`BATCHED`): one result per target, each what the target's cell returns alone."""
-    from tiltsample.samplers import ancestral, best_of_n, mh
+    from tiltsample.samplers import ancestral, beam_many, best_of_n, ets, mh, smc
 
     if name == "best-of-n":
         return best_of_n.sample_many
     if name == "ancestral":
         return ancestral.sample_many
+    if name == "ets":
+        return ets.sample_many
+    if name == "beam":
+        return beam_many.sample_many
+    if name in ("smc", "power-smc"):
+
+        def run_smc(targets: Any, n: int, gens: Any, **params: Any) -> list[Any]:
+            return smc.sample_many(targets, n, gens, sampler=name, **params)
+
+        return run_smc
     if name in MH_SAMPLERS:
 
         def run_mh(targets: Any, n: int, gens: Any, **params: Any) -> list[Any]:
@@ -157,14 +184,17 @@ def cell_record(cell: Cell, target: Any, out: Any, seconds: float) -> dict[str, 
     }
 
 
-def units(cells: Sequence[Cell], todo: Sequence[int], batch: bool) -> list[list[int]]:
+def units(
+    cells: Sequence[Cell], todo: Sequence[int], batch: bool, rollout_engine: bool = False
+) -> list[list[int]]:
     """The indices ``todo`` of ``cells`` grouped into units (see the module docstring); without
-    ``batch`` every cell is its own unit. Units keep the run order."""
+    ``batch`` every cell is its own unit (``rollout_engine``: see :func:`batchable`). Units keep
+    the run order."""
     groups: dict[tuple[str, int, int], list[int]] = {}
     out: list[list[int]] = []
     for i in todo:
         c = cells[i]
-        if not batch or not batchable(c):
+        if not batch or not batchable(c, rollout_engine):
             out.append([i])
             continue
         key = (c.recipe.label, c.budget, c.repeat)

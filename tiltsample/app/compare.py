@@ -78,7 +78,7 @@ from tiltsample.app.recipes import (
     available_recipes,
     for_rollout_engine,
 )
-from tiltsample.executor import SERIAL, Backend
+from tiltsample.executor import SERIAL, Backend, error_text
 from tiltsample.types import Cost
 
 __all__ = [
@@ -187,11 +187,22 @@ def compare_cell(models: tuple[Any, Any], job: tuple[Cell, Any, float, int]) -> 
 
 def compare_unit(models: tuple[Any, Any], job: tuple[Any, ...]) -> list[dict[str, Any]]:
     """One unit of cells (:func:`~tiltsample.app.cells.units`) on a worker's loaded models:
-    ``job`` is ``(cells, problems, lam, seeds)``; one record per cell, in order."""
+    ``job`` is ``(cells, problems, lam, seeds)``; one record per cell, in order. When the
+    batched run raises, the unit's cells run one at a time, so only a failing cell is recorded
+    as failed (its error, one line)."""
     cells, problems, lam, seeds = job
     if len(cells) == 1:
         return [compare_cell(models, (cells[0], problems[0], lam, seeds[0]))]
-    return run_batched(cells, problems, models[0], lam, seeds)
+    try:
+        return run_batched(cells, problems, models[0], lam, seeds)
+    except Exception:  # one failing problem must not fail the others: run the cells alone
+        records = []
+        for cell, problem, seed in zip(cells, problems, seeds, strict=True):
+            try:
+                records.append(compare_cell(models, (cell, problem, lam, seed)))
+            except Exception as exc:  # recorded like a failing cell of the serial path
+                records.append(error_record(cell, error_text(exc)))
+        return records
 
 
 # ------------------------------------------------------------------------------------ runner
@@ -369,7 +380,7 @@ def run_compare(
         # common random numbers: every sampler sees the same seed on a given (problem, repeat), so
         # comparisons are paired (and k = 1 variants of one law give the same draw); the seed is
         # the cell's own, whichever worker runs it and whenever
-        groups = units(cells, todo, batch_problems)
+        groups = units(cells, todo, batch_problems, rollout_engine=engine == "vllm")
         jobs = [
             (
                 tuple(cells[i] for i in g),
