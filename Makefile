@@ -83,6 +83,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_hf.py --repeats 5 --batch 64 --out results/bench
 	$(PY) benchmarks/bench_overhead.py --repeats 3 --problems 32 --budget 16 --out results/bench
+	$(PY) benchmarks/bench_peers.py --repeats 3 --problems 4 --out results/bench
 
 test: $(STAMP)
 	$(PY) -m pytest -q
