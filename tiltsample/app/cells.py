@@ -37,6 +37,7 @@ __all__ = [
     "many_runner",
     "plan",
     "run_batched",
+    "shares",
     "target_for",
     "units",
 ]
@@ -205,7 +206,7 @@ def units(
     return out
 
 
-def _shares(total: int, parts: int) -> list[int]:
+def shares(total: int, parts: int) -> list[int]:
     """``total`` split into ``parts`` integers that add up to it (the first ones one larger)."""
     base, extra = divmod(total, parts)
     return [base + (1 if k < extra else 0) for k in range(parts)]
@@ -225,8 +226,8 @@ def run_batched(
     outs = [o.resample(1, g) if len(o) > 1 else o for o, g in zip(outs, gens, strict=True)]
     seconds = (time.perf_counter() - start) / len(cells)
     joint = outs[0].meta["joint_cost"]
-    forward = _shares(joint.forward_tokens, len(cells))
-    calls = _shares(joint.model_calls, len(cells))
+    forward = shares(joint.forward_tokens, len(cells))
+    calls = shares(joint.model_calls, len(cells))
     records = []
     for k, (cell, target, out) in enumerate(zip(cells, targets, outs, strict=True)):
         record = cell_record(cell, target, out, seconds)

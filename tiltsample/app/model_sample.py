@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from tiltsample import validation
+from tiltsample.app.cells import BATCHED, many_runner, shares
 
 __all__ = ["ModelRun", "command", "load_model", "problem_row", "sample_problems"]
 
@@ -99,10 +101,18 @@ def sample_problems(
     params: dict[str, Any],
     run: Any = None,
     progress: bool | None = None,
+    batch: bool = True,
 ) -> ModelRun:
     """Run ``sampler`` on the first ``problems`` held-out problems with ``policy`` (see the
     module docstring); ``run`` is a :class:`~tiltsample.run_store.RunFile` whose finished
-    problems are read back instead of run again."""
+    problems are read back instead of run again.
+
+    With ``batch`` (the default) the problems still to run go through the sampler's batched run
+    across problems when it has one for these parameters
+    (:func:`~tiltsample.app.cells.many_runner`): every problem draws exactly what it draws alone
+    (its own generator), the job's model calls, forward tokens and wall time are apportioned over
+    the problems, and their rows say ``"batched": N``. Parameters the batched run does not take
+    (it raises ``ValueError``) run the problems one at a time."""
     from tqdm.auto import tqdm
 
     from tiltsample.driver import sample
@@ -111,24 +121,42 @@ def sample_problems(
     from tiltsample.targets import tasks
     from tiltsample.types import Cost
 
-    rows: list[dict[str, Any]] = []
     cases = tasks.held_out_problems(problems)
-    for i in tqdm(range(problems), desc="problems", disable=progress is False or problems == 1):
+    rows_of: dict[int, dict[str, Any]] = {}
+    todo = []
+    for i in range(problems):
         if run is not None and run.done(i):
-            rows.append(run.summaries[i]["row"])
-            continue
-        target = tasks.problem_target(cases[i], policy, lam=lam)
-        start = time.perf_counter()
-        out = sample(
-            sampler, target, num_samples, seed=chunk_seed(seed, i), progress=False, **params
-        )
+            rows_of[i] = run.summaries[i]["row"]
+        else:
+            todo.append(i)
+    targets = {i: tasks.problem_target(cases[i], policy, lam=lam) for i in todo}
+
+    def finish(i: int, out: Any, seconds: float, extra: dict[str, Any]) -> None:
         if out.rewards is None:  # samplers that do not report rewards: score the draws here
-            verdicts = tasks.verifier()(target.prompt, list(out.sequences))
+            verdicts = tasks.verifier()(targets[i].prompt, list(out.sequences))
             out = SampleSet(out.sequences, out.log_weights, out.cost, rewards=verdicts)
-        row = problem_row(i, out, time.perf_counter() - start)
-        rows.append(row)
+        row = {**problem_row(i, out, seconds), **extra}
+        rows_of[i] = row
         if run is not None:
             run.write_chunk(i, out.to_records(), {"row": row})
+
+    bar = tqdm(total=len(todo), desc="problems", disable=progress is False or problems == 1)
+    if batch and len(todo) > 1 and sampler in BATCHED:
+        done = _sample_batched(sampler, [targets[i] for i in todo], todo, num_samples, seed, params)
+        if done:  # else the batched run does not take these parameters: one at a time
+            for i, (out, seconds, extra) in zip(todo, done, strict=True):
+                finish(i, out, seconds, extra)
+                bar.update(1)
+            todo = []
+    for i in todo:
+        start = time.perf_counter()
+        out = sample(
+            sampler, targets[i], num_samples, seed=chunk_seed(seed, i), progress=False, **params
+        )
+        finish(i, out, time.perf_counter() - start, {})
+        bar.update(1)
+    bar.close()
+    rows = [rows_of[i] for i in range(problems)]
     cost = Cost()
     for r in rows:
         cost = cost + Cost(
@@ -143,6 +171,37 @@ def sample_problems(
         **cost.as_dict(),
     }
     return ModelRun(rows, total)
+
+
+def _sample_batched(
+    sampler: str,
+    targets: list[Any],
+    problems: list[int],
+    num_samples: int,
+    seed: int,
+    params: dict[str, Any],
+) -> list[tuple[Any, float, dict[str, Any]]]:
+    """``(result, seconds, extra row fields)`` of every problem from one batched job, or ``[]``
+    when the batched run does not take these parameters (ValueError; then run them alone)."""
+    from tiltsample.seeds import chunk_seed
+    from tiltsample.types import Cost
+
+    run_many = many_runner(sampler)
+    gens = [torch.Generator().manual_seed(chunk_seed(seed, i)) for i in problems]
+    start = time.perf_counter()
+    try:
+        outs = run_many(targets, num_samples, gens, **params)
+    except ValueError:
+        return []
+    seconds = (time.perf_counter() - start) / len(problems)
+    joint = outs[0].meta["joint_cost"]
+    forward = shares(joint.forward_tokens, len(problems))
+    calls = shares(joint.model_calls, len(problems))
+    done = []
+    for k, out in enumerate(outs):
+        own = Cost(out.cost.generated_tokens, forward[k], calls[k], out.cost.reward_calls)
+        done.append((replace(out, cost=own), seconds, {"batched": len(problems)}))
+    return done
 
 
 def command(args: argparse.Namespace) -> int:
