@@ -15,6 +15,7 @@ import torch
 
 from tiltsample import validation
 from tiltsample.policy import open_session_multi
+from tiltsample.proposal import check_batchable
 from tiltsample.results import SampleSet
 from tiltsample.reward import PrefixPotential
 from tiltsample.samplers.beam import BeamRows, empty_rows, expand_rows, top_hypotheses
@@ -22,25 +23,6 @@ from tiltsample.target import TiltedTarget
 from tiltsample.types import Cost
 
 __all__ = ["sample_many"]
-
-
-def _shared_setup(targets: Sequence[TiltedTarget]) -> None:
-    """Refuse targets that cannot share one session (policy, cap, truncation and EOS differ)."""
-    if not targets:
-        raise ValueError("targets must be non-empty")
-    first = targets[0]
-    for i, t in enumerate(targets):
-        if t.policy is not first.policy:
-            raise ValueError(f"targets[{i}] has another policy: batched targets share one policy")
-        if (t.max_new_tokens, t.truncation, t.eos_id) != (
-            first.max_new_tokens,
-            first.truncation,
-            first.eos_id,
-        ):
-            raise ValueError(
-                f"targets[{i}] differs from targets[0] in max_new_tokens, truncation or eos_id "
-                "(batched targets share them)"
-            )
 
 
 def sample_many(
@@ -93,7 +75,7 @@ def sample_many(
             "sample('beam', target, ..., potential=...) for each target"
         )
     targets = list(targets)
-    _shared_setup(targets)
+    check_batchable(targets)
     if generators is not None and len(generators) != len(targets):
         raise ValueError(
             f"targets and generators must be of one length, got {len(targets)} targets and "

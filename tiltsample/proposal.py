@@ -62,6 +62,27 @@ def propose(
     return Proposals(seqs, log_p, decoded.log_q, scores.log_tilt, scores.reward, cost)
 
 
+def check_batchable(targets: Sequence[TiltedTarget]) -> None:
+    """Refuse targets that cannot share one multi-prompt session: ``TypeError`` for a
+    non-target, ``ValueError`` when there are none or when the policy, ``max_new_tokens``,
+    truncation or EOS differ from ``targets[0]``'s (the batched runs across problems share them).
+    """
+    if not targets:
+        raise ValueError("targets must be non-empty")
+    first = targets[0]
+    for i, t in enumerate(targets):
+        if not isinstance(t, TiltedTarget):
+            raise TypeError(f"targets[{i}] must be a TiltedTarget, got {type(t).__name__}")
+        if t.policy is not first.policy:
+            raise ValueError(f"targets[{i}] has another policy: batched targets share one policy")
+        same = (t.max_new_tokens, t.truncation, t.eos_id)
+        if same != (first.max_new_tokens, first.truncation, first.eos_id):
+            raise ValueError(
+                f"targets[{i}] differs from targets[0] in max_new_tokens, truncation or eos_id "
+                "(batched targets share them)"
+            )
+
+
 def propose_many(
     targets: Sequence[TiltedTarget],
     generators: Sequence[torch.Generator],
@@ -89,16 +110,8 @@ def propose_many(
             f"targets and generators must be non-empty and of one length, got {len(targets)} "
             f"targets and {len(generators)} generators"
         )
+    check_batchable(targets)
     first = targets[0]
-    for i, t in enumerate(targets):
-        if t.policy is not first.policy:
-            raise ValueError(f"targets[{i}] has another policy: batched targets share one policy")
-        same = (t.max_new_tokens, t.truncation, t.eos_id)
-        if same != (first.max_new_tokens, first.truncation, first.eos_id):
-            raise ValueError(
-                f"targets[{i}] differs from targets[0] in max_new_tokens, truncation or eos_id "
-                "(batched targets share them)"
-            )
     session = open_session_multi(first.policy, [t.prompt for t in targets], n)
     decoded = decode_until_complete(
         session,

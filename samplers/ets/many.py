@@ -48,6 +48,7 @@ from tiltsample import validation
 from tiltsample.diffusion import is_masked_diffusion
 from tiltsample.driver import mark_failed
 from tiltsample.policy import RolloutSession, open_session_multi
+from tiltsample.proposal import check_batchable
 from tiltsample.results import SampleSet
 from tiltsample.row_generators import RowGenerators
 from tiltsample.samplers.ets.algorithm import sampler
@@ -149,14 +150,12 @@ def check_targets(targets: list[TiltedTarget], generators: list[torch.Generator]
                 f"targets[{i}]: ETS sample_many supports autoregressive policies only, not "
                 "masked diffusion (run tiltsample.sample per target)"
             )
-        if t.policy is not first.policy:
-            raise ValueError(f"targets[{i}] has another policy: batched targets share one policy")
-        same = (t.max_new_tokens, t.truncation, t.eos_id, needs_reference(t))
-        if same != (first.max_new_tokens, first.truncation, first.eos_id, needs_reference(first)):
+        if needs_reference(t) != needs_reference(first):
             raise ValueError(
-                f"targets[{i}] differs from targets[0] in max_new_tokens, truncation, eos_id or "
-                "whether a tilt term reads log p_ref (batched targets share them)"
+                f"targets[{i}] differs from targets[0] in whether a tilt term reads log p_ref "
+                "(batched targets share it)"
             )
+    check_batchable(targets)
 
 
 def many_config(params: dict[str, Any]) -> ETSConfig:

@@ -34,6 +34,7 @@ import torch
 from tiltsample.diffusion import is_masked_diffusion
 from tiltsample.driver import mark_failed
 from tiltsample.policy import RolloutSession, open_session_multi
+from tiltsample.proposal import check_batchable
 from tiltsample.results import SampleSet
 from tiltsample.row_generators import RowGenerators
 from tiltsample.sampler import SamplingAlgorithm
@@ -88,23 +89,8 @@ def check_params(sampler: str, params: dict[str, Any]) -> None:
 def check_targets(targets: Sequence[TiltedTarget], generators: Sequence[torch.Generator]) -> None:
     """Refuse targets that cannot share one session (policy, cap, truncation, EOS) and a wrong
     number of generators."""
-    if not targets:
-        raise ValueError("targets must be non-empty")
+    check_batchable(targets)
     first = targets[0]
-    for i, t in enumerate(targets):
-        if not isinstance(t, TiltedTarget):
-            raise TypeError(f"targets[{i}] must be a TiltedTarget, got {type(t).__name__}")
-        if t.policy is not first.policy:
-            raise ValueError(f"targets[{i}] has another policy: batched targets share one policy")
-        if (t.max_new_tokens, t.truncation, t.eos_id) != (
-            first.max_new_tokens,
-            first.truncation,
-            first.eos_id,
-        ):
-            raise ValueError(
-                f"targets[{i}] differs from targets[0] in max_new_tokens, truncation or eos_id "
-                "(batched targets share them)"
-            )
     if is_masked_diffusion(first.policy):
         raise TypeError("smc.sample_many decodes autoregressively (no masked-diffusion policy)")
     if len(generators) != len(targets):
