@@ -15,8 +15,9 @@ Output
     The ``num_samples`` best finished hypotheses, best first, unweighted (beam search is an
     optimiser, not a sampler of ``pi``); ``meta["scores"]`` holds their scores.
 Cost per step
-    One forward token per live beam, one reward call per complete candidate and term, potential
-    calls for unfinished candidates.
+    One forward token per live beam (finished hypotheses leave the decode session, see
+    :func:`advance_rows`), one reward call per complete candidate and term, potential calls for
+    unfinished candidates.
 Many problems at once
     :func:`tiltsample.samplers.beam_many.sample_many` runs the searches of several targets (one
     per problem) as one job: their beams are rows of one multi-prompt session, grouped by target,
@@ -210,6 +211,34 @@ def expand_rows(
     return new, parents, extra
 
 
+def advance_rows(
+    session: DecodeSession,
+    targets: Sequence[TiltedTarget],
+    rows: BeamRows,
+    width: int,
+    potential: PrefixPotential | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[BeamRows, list[Cost]]:
+    """One step of the searches whose *unfinished* hypotheses are the rows of ``session`` (in the
+    order of ``rows``): read their next-token laws, :func:`expand_rows`, and leave in ``session``
+    the kept unfinished hypotheses, each extended by its new token. Finished hypotheses never
+    occupy a session row, so they cost no forward tokens. Returns the new rows and each group's
+    reward and potential cost."""
+    live = ~rows.finished
+    log_p = session.logprobs().to(torch.float64)
+    if not bool(live.all()):  # the session holds the unfinished rows only
+        full = torch.zeros((int(live.numel()), int(log_p.shape[1])), dtype=torch.float64)
+        full[live] = log_p
+        log_p = full
+    new, parents, extra = expand_rows(targets, rows, log_p, width, potential, generator)
+    keep = ~new.finished
+    if bool(keep.any()):
+        session_row = torch.cumsum(live, 0) - 1
+        session.select(session_row[parents[keep]])
+        session.extend(new.tokens[keep, -1])
+    return new, extra
+
+
 def init(target: TiltedTarget, *, generator: torch.Generator, num_samples: int = 1) -> BeamState:
     """One empty beam."""
     validation.positive_int("num_samples", num_samples)
@@ -226,25 +255,19 @@ def build_kernel(num_beams: int = 4, potential: PrefixPotential | None = None) -
         )
 
     def step(generator: torch.Generator, state: BeamState) -> tuple[BeamState, BeamInfo]:
-        session = state.session
-        before = session.cost
-        log_p = session.logprobs().to(torch.float64)
+        before = state.session.cost
         live_before = int((~state.rows.finished).sum())
-        new, parents, extra = expand_rows(
-            [state.target], state.rows, log_p, width, potential, generator
+        new, extra = advance_rows(
+            state.session, [state.target], state.rows, width, potential, generator
         )
-        session.select(parents)
-        finished = new.finished
-        if not bool(finished.all()):
-            session.extend(new.tokens[:, -1])
-        after = session.cost
+        after = state.session.cost
         step_cost = extra[0] + Cost(
             generated_tokens=live_before,
             forward_tokens=after.forward_tokens - before.forward_tokens,
             model_calls=after.model_calls - before.model_calls,
         )
         new_state = state._replace(rows=new, cost=state.cost + step_cost)
-        return new_state, BeamInfo(step_cost, int(finished.sum()))
+        return new_state, BeamInfo(step_cost, int(new.finished.sum()))
 
     return step
 

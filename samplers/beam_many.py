@@ -18,7 +18,7 @@ from tiltsample.policy import open_session_multi
 from tiltsample.proposal import check_batchable
 from tiltsample.results import SampleSet
 from tiltsample.reward import PrefixPotential
-from tiltsample.samplers.beam import BeamRows, empty_rows, expand_rows, top_hypotheses
+from tiltsample.samplers.beam import BeamRows, advance_rows, empty_rows, top_hypotheses
 from tiltsample.target import TiltedTarget
 from tiltsample.types import Cost
 
@@ -87,21 +87,9 @@ def sample_many(
     generated = torch.zeros(groups, dtype=torch.long)
     costs = [Cost()] * groups
     while not bool(rows.finished.all()):
-        live = ~rows.finished
-        log_p = session.logprobs().to(torch.float64)
-        if not bool(live.all()):  # the session holds the live rows only
-            full = torch.zeros((len(live), int(log_p.shape[1])), dtype=torch.float64)
-            full[live] = log_p
-            log_p = full
-        generated += torch.bincount(rows.group[live], None, groups)
-        new, parents, extra = expand_rows(targets, rows, log_p, width)
+        generated += torch.bincount(rows.group[~rows.finished], None, groups)
+        rows, extra = advance_rows(session, targets, rows, width)
         costs = [c + e for c, e in zip(costs, extra, strict=True)]
-        keep = ~new.finished
-        if bool(keep.any()):
-            session_row = torch.cumsum(live, 0) - 1
-            session.select(session_row[parents[keep]])
-            session.extend(new.tokens[keep, -1])
-        rows = new
     shared = session.cost
     joint = Cost(
         generated_tokens=int(generated.sum()),

@@ -40,6 +40,7 @@ from .tokenizer import BOS_ID, EOS_ID, VOCAB
 
 Split = Literal["train", "test"]
 _ID_TO_CHAR: dict[int, str] = {i: c for c, i in VOCAB.items() if len(c) == 1}
+_NEWLINE_ID = VOCAB["\n"]
 _ANSWER = re.compile(r"# (\d+)")
 _EXPR = re.compile(r"\d+(?:[+-]\d+)*")
 
@@ -221,6 +222,9 @@ def extract_answer_ids(x: Seq, *, require_eos: bool = True) -> int | None:
         return None
     if EOS_ID in x:
         return None
+    # the answer is on the last line: decode only what follows the last newline
+    if _NEWLINE_ID in x:
+        x = x[len(x) - x[::-1].index(_NEWLINE_ID) :]
     return extract_answer(decode(x))
 
 
