@@ -168,46 +168,60 @@ def decode_step(
     rows consume one).
     """
     rows = int(live.numel())
-    laws = law(log_p.to(torch.float64))
-    at_cap = torch.as_tensor(force_eos, dtype=torch.bool).expand(rows) & (position == cap - 1)
-    teacher = torch.zeros(rows, dtype=torch.bool) if is_forced is None else is_forced
+    laws = law(log_p if log_p.dtype == torch.float64 else log_p.to(torch.float64))
+    # the rule sets that apply at this position (None: no row is concerned, nothing to compute)
+    at_cap: Tensor | None = None
+    if not (isinstance(force_eos, bool) and not force_eos):
+        cand = torch.as_tensor(force_eos, dtype=torch.bool).expand(rows) & (position == cap - 1)
+        if bool(cand.any()):
+            at_cap = cand
+    teacher = is_forced if is_forced is not None and bool(is_forced.any()) else None
+    drawing = live
+    if teacher is not None:
+        drawing = drawing & ~teacher
+    if at_cap is not None:
+        drawing = drawing & ~at_cap
     if uniforms is not None:
         tok = inverse_cdf(laws.log_q, uniforms)
     elif isinstance(generator, RowGenerators):  # one stream per group of rows
-        tok = generator.draw(laws.log_q, live & ~teacher & ~at_cap, eos_id)
-    elif bool((live & ~teacher & ~at_cap).any()):
+        tok = generator.draw(laws.log_q, drawing, eos_id)
+    elif bool(drawing.any()):
         if generator is None:
             raise ValueError("decode_step needs a generator or uniforms to draw from")
         tok = draw_tokens(generator, laws.log_q)
     else:
         tok = torch.full((rows,), eos_id, dtype=torch.long)
-    if forced is not None and bool(teacher.any()):
+    if teacher is not None and forced is not None:
         tok = torch.where(teacher, forced, tok)
-    g = laws.log_q.gather(1, tok[:, None]).squeeze(1)
-    eos = torch.full_like(tok, eos_id)
-    if bool(at_cap.any()):
+    if at_cap is not None:
         # the forced EOS is the length convention, not a draw (log q = 0 whatever the support)
-        tok = torch.where(at_cap & ~teacher, eos, tok)
-        g = torch.where(at_cap, torch.zeros_like(g), laws.log_q.gather(1, tok[:, None]).squeeze(1))
+        tok = torch.where(at_cap & ~teacher if teacher is not None else at_cap, eos_id, tok)
+    g = laws.log_q.gather(1, tok[:, None]).squeeze(1)
+    if at_cap is not None:
+        g = torch.where(at_cap, 0.0, g)
     ell = laws.log_p.gather(1, tok[:, None]).squeeze(1)
-    zero = torch.zeros_like(ell)
-    tokens = torch.where(live, tok, eos)
+    if record_entropy and laws.entropy is None:
+        raise ValueError("record_entropy needs a law that returns an entropy")
+    ent = laws.entropy if record_entropy else None
+    if bool(live.all()):
+        tokens = tok
+    else:  # rows that are not live record EOS and zeros
+        tokens = torch.where(live, tok, eos_id)
+        ell = torch.where(live, ell, 0.0)
+        g = torch.where(live, g, 0.0)
+        if ent is not None:
+            ent = torch.where(live, ent, 0.0)
     fed = tokens
     if hard_cap is not None:
-        fed = torch.where(live & (position + 1 == cap) & (cap == hard_cap), eos, fed)
-    ent = None
-    if record_entropy:
-        if laws.entropy is None:
-            raise ValueError("record_entropy needs a law that returns an entropy")
-        ent = torch.where(live, laws.entropy, zero)
+        fed = torch.where(live & (position + 1 == cap) & (cap == hard_cap), eos_id, fed)
     return Step(
         tokens,
         fed,
-        torch.where(live, ell, zero),
-        torch.where(live, g, zero),
+        ell,
+        g,
         ent,
         live & (tok != eos_id) & (position + 1 < cap),
-        live & ~teacher,
+        live & ~teacher if teacher is not None else live.clone(),
     )
 
 

@@ -57,6 +57,9 @@ class RowGenerators:
         counts = torch.bincount(group, minlength=len(self.generators)).tolist()
         self._rows: list[Tensor] = list(torch.split(order, counts))
         """The rows of every group, in row order (computed once, used at every position)."""
+        self._spans: list[slice | None] = [_span(rows) for rows in self._rows]
+        """Each group's rows as a slice when they are consecutive (a multi-prompt session's
+        layout): a view of the laws instead of an index copy."""
 
     @classmethod
     def of_sizes(cls, generators: Sequence[torch.Generator], sizes: Sequence[int]) -> RowGenerators:
@@ -91,7 +94,20 @@ class RowGenerators:
         if rows != self.num_rows:
             raise ValueError(f"log_q has {rows} rows, the row groups {self.num_rows}")
         tokens = torch.full((rows,), eos_id, dtype=torch.long)
-        for generator, mine in zip(self.generators, self._rows, strict=True):
-            if mine.numel() and bool(need[mine].any()):
-                tokens[mine] = draw_tokens(generator, log_q[mine])
+        wanted = torch.bincount(self.group[need], minlength=len(self.generators)).tolist()
+        for generator, mine, span, count in zip(
+            self.generators, self._rows, self._spans, wanted, strict=True
+        ):
+            if count:
+                at = mine if span is None else span
+                tokens[at] = draw_tokens(generator, log_q[at])
         return tokens
+
+
+def _span(rows: Tensor) -> slice | None:
+    """``rows`` (ascending) as a slice when they are consecutive, else None."""
+    n = int(rows.numel())
+    if n == 0:
+        return None
+    first, last = int(rows[0]), int(rows[-1])
+    return slice(first, last + 1) if last - first + 1 == n else None

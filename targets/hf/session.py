@@ -148,9 +148,12 @@ class HFSession:
 
     def _append(self, tokens: Tensor) -> Tensor:
         k = tokens.shape[1]
-        is_eos = tokens == self._eos
-        after = (torch.cumsum(is_eos.long(), dim=1) - is_eos.long()) > 0
-        held = torch.where(self._done[:, None] | after, torch.full_like(tokens, self._eos), tokens)
+        if k == 1:  # nothing can follow an EOS inside a one-token block
+            held = torch.where(self._done[:, None], self._eos, tokens)
+        else:
+            is_eos = (tokens == self._eos).long()
+            after = (torch.cumsum(is_eos, dim=1) - is_eos) > 0
+            held = torch.where(self._done[:, None] | after, self._eos, tokens)
         need = self.length + k
         if need > self._tokens.shape[1]:
             grow = need - self._tokens.shape[1]
@@ -160,7 +163,7 @@ class HFSession:
             self._col = torch.cat(
                 [self._col, torch.zeros((self.batch_size, grow), dtype=torch.long)], 1
             )
-        cols = self._lens[:, None] + torch.arange(k)[None, :]
+        cols = self._lens[:, None] if k == 1 else self._lens[:, None] + torch.arange(k)[None, :]
         self._tokens.scatter_(1, cols, held)
         self._lens = self._lens + k
         self._done = self._done | (held == self._eos).any(dim=1)
@@ -366,9 +369,10 @@ class HFSession:
     def _set_laws(self, law: Tensor, rows: Tensor) -> None:
         """Store ``law`` for ``rows``; prompt laws for empty rows; point masses for ended rows."""
         assert self._prompt_laws is not None
-        new = torch.where(rows[:, None], law, self._law)
+        new = law if bool(rows.all()) else torch.where(rows[:, None], law, self._law)
         empty = (self._lens == 0) & ~self._known
-        new = torch.where(empty[:, None], self._prompt_laws[self._row_prompt], new)
+        if bool(empty.any()):
+            new = torch.where(empty[:, None], self._prompt_laws[self._row_prompt], new)
         if bool(self._done.any()):
             new[self._done] = -math.inf
             new[self._done, self._eos] = 0.0
@@ -396,9 +400,13 @@ class HFSession:
         width = int(pending.max())
         batch = self.batch_size
         slot = torch.arange(width)[None, :]
-        start = width - pending  # first real slot of each row
-        real = slot >= start[:, None]
-        index = (self._cached[:, None] + slot - start[:, None]).clamp(min=0)
+        if width == 1:  # one token per row (decoding): the rows' next tokens, no alignment
+            real = rows[:, None]
+            index = self._cached[:, None]
+        else:
+            start = width - pending  # first real slot of each row
+            real = slot >= start[:, None]
+            index = (self._cached[:, None] + slot - start[:, None]).clamp(min=0)
         index = index.clamp(max=max(self._tokens.shape[1] - 1, 0))
         ids = torch.where(real, self._tokens.gather(1, index), torch.full_like(index, self._eos))
         positions = torch.where(real, self._ctx_len[:, None] + index, torch.zeros_like(index))
