@@ -185,16 +185,21 @@ def concat_rows(cache: Any, live: Tensor, other_cache: Any, other_live: Tensor) 
 
 
 _MIN_HOLES = 8
+"""Compaction waits for at least this many holes (dead columns beyond the longest live row)."""
 _HOLE_SHARE = 0.25
+"""... and for holes above this share of the longest live row (``need``): a compaction moves the
+whole cache, holes cost attention and concatenation work in every later call; on the shipped
+model (MH, 256 chains in 64 rows) these values were within noise of the best measured."""
 
 
 def tidy_columns(cache: Any, live: Tensor, col: Tensor, cached: Tensor) -> tuple[Tensor, Tensor]:
     """Crop columns dead in every row at the end; compact when holes dominate.
 
-    Compaction (more than ``max(8, need // 4)`` holes, ``DynamicLayer`` caches only) gathers each
-    row's live columns to the left; keys already carry their rotary positions, so moving them is
-    exact. ``col[r, i]`` is the column of row ``r``'s response token ``i`` (meaningful for its
-    ``cached[r]`` first tokens). Returns the new ``(live, col)``; ``cache`` changes in place.
+    Compaction (more than ``max(_MIN_HOLES, need * _HOLE_SHARE)`` holes, ``DynamicLayer`` caches
+    only) moves each row's live columns to the left (:func:`_gather_columns`); keys already carry
+    their rotary positions, so moving them is exact. ``col[r, i]`` is the column of row ``r``'s
+    response token ``i`` (meaningful for its ``cached[r]`` first tokens). Returns the new
+    ``(live, col)``; ``cache`` changes in place.
     """
     if cache is None or live.shape[1] == 0:
         return live, col
