@@ -18,7 +18,7 @@ machines vary 2–5× between runs, so only ratios within one run are meaningful
 * ETS wall time against the time plain decoding needs for the same number of tokens.
 
 ``--scale K`` runs the same table on a random-init model ``K`` times wider than the shipped one
-(:func:`scaled_policy`), where a model call costs more against the library's work around it;
+(``scaled_model.scaled_policy``), where a model call costs more against the library's work;
 ``--only TEXT`` (repeatable) keeps the sampler runs whose label contains one of the texts.
 
 Writes ``bench.md`` and ``bench.json`` to ``--out``.
@@ -27,7 +27,6 @@ Writes ``bench.md`` and ``bench.json`` to ``--out``.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import sys
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from scaled_model import add_scale_argument, policy_for
 
 from tiltsample import Cost, registry, sample
 from tiltsample.decoding import decode_until_complete
@@ -154,40 +154,13 @@ def sampler_runs(batch: int) -> list[tuple[str, str, str, int, dict[str, Any]]]:
     ]
 
 
-def scaled_policy(scale: int) -> Any:
-    """A random-init model shaped like the shipped one but ``scale`` times wider (hidden size, MLP
-    width and heads; same tokenizer, depth and context), as an HFPolicy (seeded, offline).
-
-    Its laws are those of an untrained network (near uniform, so responses end at a random
-    length), which is all a throughput measurement needs: the point is the cost of a model call
-    relative to the library's work around it."""
-    from transformers import AutoModelForCausalLM
-
-    from tiltsample.targets.hf import HFPolicy
-
-    shipped = tasks.load_policy()
-    config = copy.deepcopy(shipped.model.config)
-    config.hidden_size *= scale
-    config.intermediate_size *= scale
-    config.num_attention_heads *= scale
-    config.num_key_value_heads *= scale
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    return HFPolicy(model, shipped.tokenizer, eos_id=shipped.eos_id, bos_id=shipped.bos_id)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="results/bench")
-    parser.add_argument(
-        "--scale",
-        type=int,
-        default=1,
-        help="1: the shipped model; K > 1: a random-init model K times wider (scaled_policy)",
-    )
+    add_scale_argument(parser)
     parser.add_argument(
         "--only",
         action="append",
@@ -196,10 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         "always runs)",
     )
     args = parser.parse_args(argv)
-    if args.scale < 1:
-        parser.error(f"--scale must be >= 1, got {args.scale}")
     torch.set_num_threads(args.threads)
-    policy = tasks.load_policy() if args.scale == 1 else scaled_policy(args.scale)
+    policy, model_name = policy_for(parser, args.scale)
     problem = tasks.held_out_problems(1)[0]
     prompt = problem.prompt_ids()
 
@@ -290,7 +261,6 @@ def main(argv: list[str] | None = None) -> int:
         )
     ets_times = [(label, median[label], costs[label]) for label, _, _ in runs if label[:3] == "ets"]
 
-    model_name = "arith-ar" if args.scale == 1 else f"arith-ar shape x{args.scale}, random init"
     lines = [
         f"# HF backend benchmark (model {model_name}, batch {args.batch}, "
         f"{args.threads} thread(s), median of {args.repeats})",

@@ -4,7 +4,8 @@ Run::
 
     .venv/bin/python benchmarks/bench_overhead.py [--repeats 3] [--problems 32] [--out DIR]
 
-Two measurements on the shipped ``arith-ar`` model, one thread, medians over ``--repeats``,
+Two measurements on the shipped ``arith-ar`` model (``--scale K``: a random-init model ``K``
+times wider, ``scaled_model.py``), one thread, medians over ``--repeats``,
 all runs of a section timed round robin (only ratios within one run are meaningful):
 
 **Per-call overhead.** A sampler run at width ``W`` (rows per model call) spends its wall time in
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from scaled_model import add_scale_argument, policy_for
 
 from tiltsample import Cost, sample
 from tiltsample.app.cells import many_runner
@@ -300,12 +302,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="many-problems section: skip the one-problem-at-a-time runs",
     )
+    add_scale_argument(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    policy = tasks.load_policy()
+    policy, model_name = policy_for(parser, args.scale)
     per_call = per_call_overhead(policy, args.repeats)
     many = many_problems(policy, args.problems, args.budget, args.repeats, not args.batched_only)
-    note = f"arith-ar, {args.threads} thread(s), median of {args.repeats}"
+    note = f"{model_name}, {args.threads} thread(s), median of {args.repeats}"
     text = markdown(per_call, many, note)
     if args.out is not None:
         out = Path(args.out)

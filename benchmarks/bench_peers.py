@@ -5,8 +5,9 @@ Run::
     .venv/bin/python benchmarks/bench_peers.py [--problems 4] [--repeats 3] [--k 16]
         [--mh-steps 30] [--out results/bench]
 
-On the shipped ``arith-ar`` model, one torch thread, each pair runs the same algorithm at the same
-settings (same steps / particles / candidates, same ``max_new_tokens``), so the ratio measures the
+On the shipped ``arith-ar`` model (``--scale K``: a random-init model ``K`` times wider,
+``scaled_model.py``), one torch thread, each pair runs the same algorithm at the same settings
+(same steps / particles / candidates, same ``max_new_tokens``), so the ratio measures the
 implementation, not a different amount of work. The peer loops (``benchmarks/peer_loops.py``) are
 written from the published algorithms with plain ``transformers`` calls, no peer code copied:
 
@@ -46,6 +47,7 @@ from typing import Any
 
 import torch
 from peer_loops import peer_ets, peer_power_mh, peer_smc
+from scaled_model import add_scale_argument, policy_for
 
 from tiltsample import Cost, sample
 from tiltsample.samplers.ets.config import resolve_block_size
@@ -208,7 +210,7 @@ def markdown(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
     lines = [
         "# Project samplers vs the peers' loops",
         "",
-        f"`arith-ar`, {settings['problems']} problems, median of {settings['repeats']} "
+        f"`{settings['model']}`, {settings['problems']} problems, median of {settings['repeats']} "
         f"round-robin repetitions, {settings['threads']} torch thread, k={settings['k']}; "
         "costs are means per problem.",
         "",
@@ -248,18 +250,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up runs")
     ap.add_argument("--out", type=Path, default=Path("results/bench"))
+    add_scale_argument(ap)
     args = ap.parse_args(argv)
     if args.k < 4:
         ap.error("--k must be >= 4 (ETS needs M = k//2 >= 2)")
     mh_steps = 2 * (args.k - 1) if args.mh_steps is None else args.mh_steps
     torch.set_num_threads(args.threads)
-    policy = tasks.load_policy()
+    policy, model_name = policy_for(ap, args.scale)
     problems = tasks.held_out_problems(args.problems)
     pairs = build_pairs(policy, problems, args.k, mh_steps, args.alpha, args.seed)
     data = measure(pairs, args.repeats, warmup=not args.no_warmup)
     rows = summarise(pairs, data)
     settings = {
-        "model": "arith-ar",
+        "model": model_name,
         "problems": args.problems,
         "repeats": args.repeats,
         "k": args.k,

@@ -1,6 +1,7 @@
-"""``benchmarks/bench_hf.py`` and ``benchmarks/bench_overhead.py`` on tiny settings: the scaled
-random-init model has the shape asked for, ``--only`` keeps the runs named, and the many-problems
-table reports the time inside the model with the share a free library would reach."""
+"""``benchmarks/bench_hf.py``, ``bench_overhead.py`` and ``bench_peers.py`` on tiny settings: the
+scaled random-init model has the shape asked for and every script runs on it by ``--scale``,
+``--only`` keeps the runs named, and the many-problems table reports the time inside the model
+with the share a free library would reach."""
 
 from __future__ import annotations
 
@@ -20,18 +21,19 @@ BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
-def bench() -> Iterator[tuple[ModuleType, ModuleType]]:
+def bench() -> Iterator[dict[str, ModuleType]]:
+    """The benchmark scripts as modules, by name."""
+    names = ("bench_hf", "bench_overhead", "bench_peers", "scaled_model")
     sys.path.insert(0, str(BENCH))
     try:
-        yield importlib.import_module("bench_hf"), importlib.import_module("bench_overhead")
+        yield {name: importlib.import_module(name) for name in names}
     finally:
         sys.path.remove(str(BENCH))
 
 
-def test_scaled_policy_is_wider_and_decodes(bench: tuple[ModuleType, ModuleType]) -> None:
-    bench_hf, _ = bench
+def test_scaled_policy_is_wider_and_decodes(bench: dict[str, ModuleType]) -> None:
     shipped = tasks.load_policy()
-    wide = bench_hf.scaled_policy(2)
+    wide = bench["scaled_model"].scaled_policy(2)
     base, cfg = shipped.model.config, wide.model.config
     assert cfg.hidden_size == 2 * base.hidden_size
     assert cfg.intermediate_size == 2 * base.intermediate_size
@@ -49,10 +51,8 @@ def test_scaled_policy_is_wider_and_decodes(bench: tuple[ModuleType, ModuleType]
     assert math.isclose(float(law.exp().sum()), 1.0, rel_tol=1e-9)
 
 
-def test_bench_hf_only_keeps_the_named_runs(
-    bench: tuple[ModuleType, ModuleType], tmp_path: Path
-) -> None:
-    bench_hf, _ = bench
+def test_bench_hf_only_keeps_the_named_runs(bench: dict[str, ModuleType], tmp_path: Path) -> None:
+    bench_hf = bench["bench_hf"]
     argv = ["--batch", "8", "--repeats", "1", "--only", "best-of-n", "--only", "smc"]
     assert bench_hf.main([*argv, "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
@@ -64,9 +64,9 @@ def test_bench_hf_only_keeps_the_named_runs(
 
 
 def test_many_problems_reports_the_model_time_and_the_free_library_bound(
-    bench: tuple[ModuleType, ModuleType],
+    bench: dict[str, ModuleType],
 ) -> None:
-    _, bench_overhead = bench
+    bench_overhead = bench["bench_overhead"]
     rows = bench_overhead.many_problems(tasks.load_policy(), 2, 2, 1, False)
     assert rows[0]["vs_ceiling"] == pytest.approx(1.0)
     for r in rows:
@@ -78,3 +78,17 @@ def test_many_problems_reports_the_model_time_and_the_free_library_bound(
         )
     table = bench_overhead.markdown([], rows, "test")
     assert "with a free library" in table and rows[-1]["run"] in table
+
+
+def test_bench_peers_runs_on_the_scaled_model_and_names_it(
+    bench: dict[str, ModuleType], tmp_path: Path
+) -> None:
+    argv = ["--problems", "1", "--repeats", "1", "--k", "4", "--mh-steps", "2", "--no-warmup"]
+    assert bench["bench_peers"].main([*argv, "--scale", "2", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "bench_peers.json").read_text())
+    assert report["settings"]["model"] == "arith-ar shape x2, random init"
+    assert {r["pair"] for r in report["rows"]} == {"power", "ets", "smc"}
+    assert "`arith-ar shape x2, random init`" in (tmp_path / "bench_peers.md").read_text()
+    for script in ("bench_peers", "bench_overhead"):
+        with pytest.raises(SystemExit):
+            bench[script].main(["--scale", "0", "--out", str(tmp_path)])
