@@ -37,6 +37,7 @@ tokens. :func:`tiltsample.decoding.decode_until_complete` is the uniform-rows fr
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -60,10 +61,20 @@ __all__ = [
 class Parking(NamedTuple):
     """Finished rows leave the decoding batch: when at most ``shrink_below`` of its rows are live
     (and it has at least ``min_rows`` rows), the finished ones are parked in a fork and come back,
-    in the original row order, when decoding ends."""
+    in the original row order, when decoding ends.
+
+    ``same_draws``: the draws still run over every row of the request, a parked row's law being
+    a point mass on EOS, so the generator's stream, and every row's tokens, are those of the
+    same decode without parking (``torch.multinomial`` consumes the same randomness per row
+    whatever the row's law); otherwise the draws run over the rows left in the batch.
+    ``restore=False``: parked rows are dropped instead of kept and the returned session holds
+    only the rows still in the batch at the end, its cost that of the whole decode (for callers
+    that need only the continuations, e.g. rollouts on a throw-away fork)."""
 
     shrink_below: float = 0.5
     min_rows: int = 8
+    same_draws: bool = False
+    restore: bool = True
 
 
 class DecodeRequest(NamedTuple):
@@ -269,17 +280,22 @@ def decode(
         if park is not None:
             idx = torch.arange(rows) if members is None else members
             if int(idx.numel()) >= park.min_rows:
-                kept = _park(session, live, idx, parked, park.shrink_below)
+                keep = parked if park.restore else None
+                kept = _park(session, live, idx, keep, park.shrink_below)
                 if kept is not idx:
                     members, mine = kept, live[kept]
-        idx_or_all = slice(None) if members is None else members
+        laws = session.logprobs()
+        sub = members  # the rows the step runs over (None: all of the request's)
+        if park is not None and park.same_draws and members is not None:
+            laws, sub, mine = _spread(laws, members, rows, request.eos_id), None, live
+        idx_or_all = slice(None) if sub is None else sub
         t = start[idx_or_all] + step
         is_forced = forced_tok = None
         if forced is not None and until is not None:
             is_forced = t < until[idx_or_all]
             forced_tok = forced[idx_or_all, min(step, forced.shape[1] - 1)]
         out = decode_step(
-            session.logprobs(),
+            laws,
             request.law,
             eos_id=request.eos_id,
             live=mine,
@@ -289,17 +305,17 @@ def decode(
             forced=forced_tok,
             is_forced=is_forced,
             hard_cap=request.hard_cap,
-            generator=generator.subset(members)
-            if isinstance(generator, RowGenerators) and members is not None
+            generator=generator.subset(sub)
+            if isinstance(generator, RowGenerators) and sub is not None
             else generator,
             record_entropy=request.record_entropy,
         )
-        session.extend(out.fed)
-        cols.append(_scatter(out, members, rows, request.eos_id))
+        session.extend(out.fed[members] if sub is None and members is not None else out.fed)
+        cols.append(_scatter(out, sub, rows, request.eos_id))
         new_len[idx_or_all] += mine.long()
         generated += int(out.generated.sum())
         live[idx_or_all] = out.live
-    if members is not None:
+    if members is not None and parked:
         session = _unpark(session, members, parked)
     if not cols:
         return _empty(rows, request.record_entropy), session
@@ -367,22 +383,32 @@ def _park(
     session: DecodeSession,
     live: Tensor,
     members: Tensor,
-    parked: list[tuple[DecodeSession, Tensor]],
+    parked: list[tuple[DecodeSession, Tensor]] | None,
     shrink_below: float,
 ) -> Tensor:
     """Park the finished rows of ``session`` in a fork (appended to ``parked`` with their
-    original indices) when at most ``shrink_below`` of its rows are live; return the original
-    indices of the rows left in ``session``."""
+    original indices; dropped when ``parked`` is None) when at most ``shrink_below`` of its rows
+    are live; return the original indices of the rows left in ``session``."""
     mine = live[members]
     n = int(members.numel())
     if int(mine.sum()) > shrink_below * n:
         return members
-    gone = (~mine).nonzero().flatten()
-    piece = session.fork()
-    piece.select(gone)
-    parked.append((piece, members[gone]))
+    if parked is not None:
+        gone = (~mine).nonzero().flatten()
+        piece = session.fork()
+        piece.select(gone)
+        parked.append((piece, members[gone]))
     session.select(mine.nonzero().flatten())
     return members[mine]
+
+
+def _spread(laws: Tensor, members: Tensor, rows: int, eos_id: int) -> Tensor:
+    """``laws`` of the batch's rows (``members``, original indices) placed among all ``rows``;
+    the other rows get a point mass on EOS."""
+    full = torch.full((rows, laws.shape[1]), -math.inf, dtype=laws.dtype)
+    full[:, eos_id] = 0.0
+    full[members] = laws
+    return full
 
 
 def _unpark(

@@ -45,6 +45,7 @@ from tiltsample.token_laws import (
 from tiltsample.types import Seq
 
 __all__ = [
+    "DROP_BELOW",
     "DecodeRequest",
     "Decoded",
     "Law",
@@ -68,6 +69,12 @@ __all__ = [
 ]
 
 
+DROP_BELOW = 0.75
+"""``decode_until_complete(drop_finished=True)`` drops the finished rows from the model calls
+whenever at most this share of the batch is live (0.75 was the fastest of 0.5 / 0.75 / 0.9 for
+512 rows of the shipped model: 1.27x faster than keeping them, forward tokens 24,418 -> 17,217)."""
+
+
 def decode_until_complete(
     session: DecodeSession,
     generator: torch.Generator | RowGenerators,
@@ -79,6 +86,7 @@ def decode_until_complete(
     max_new: int | None = None,
     record_entropy: bool = False,
     proposal: Callable[[Tensor], Tensor] | None = None,
+    drop_finished: bool = False,
 ) -> Decoded:
     """Extend every row of ``session`` until EOS, ``max_length`` total tokens, or ``max_new`` new.
 
@@ -110,6 +118,13 @@ def decode_until_complete(
         log-probs out), e.g. a top-k / top-p filter; default ``softmax(log p / temperature)``.
         ``temperature`` is ignored when it is given. ``log q`` is recorded under it, so
         ``log p - log q`` stays an exact importance log-weight.
+    drop_finished
+        For a throw-away session whose continuations and cost are all the caller needs: rows
+        that finish leave the model calls once at most ``DROP_BELOW`` of the batch is still
+        decoding (:class:`Parking` with ``same_draws=True, restore=False``). The draws are those
+        of the same call without it (every tensor returned is the same, up to the float
+        differences of a narrower forward); afterwards ``session`` holds only the rows that were
+        still decoding at the end, and its cost is that of the whole decode.
     """
     batch = session.batch_size
     start = session.length
@@ -122,6 +137,7 @@ def decode_until_complete(
         max_new=max_new,
         record_entropy=record_entropy,
         live=~(session.tokens() == eos_id).any(dim=1) if start and batch else None,
+        parking=Parking(DROP_BELOW, same_draws=True, restore=False) if drop_finished else None,
     )
     decoded, _ = decode(session, generator, request)
     return decoded

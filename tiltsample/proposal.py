@@ -54,6 +54,7 @@ def propose(
         max_length=target.max_new_tokens,
         temperature=temperature,
         force_eos_at_cap=target.truncation == "condition",
+        drop_finished=True,  # a throw-away session
     )
     seqs = rows_to_seqs(decoded.tokens, target.eos_id)
     log_p = decoded.log_p
@@ -120,6 +121,7 @@ def propose_many(
         max_length=first.max_new_tokens,
         temperature=temperature,
         force_eos_at_cap=first.truncation == "condition",
+        drop_finished=True,  # a throw-away session
     )
     seqs = rows_to_seqs(decoded.tokens, first.eos_id)
     out, total = [], session.cost + Cost(generated_tokens=decoded.generated_tokens)

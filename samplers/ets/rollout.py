@@ -215,6 +215,7 @@ def rollouts_from_sessions(
             max_length=target.max_new_tokens,
             temperature=temperature,
             force_eos_at_cap=condition,
+            drop_finished=True,  # a throw-away session
         )
         token_lp, token_lq = dec.token_log_p, dec.token_log_q
     else:
@@ -228,6 +229,7 @@ def rollouts_from_sessions(
             max_length=target.max_new_tokens,
             temperature=temperature,
             force_eos_at_cap=condition,
+            drop_finished=True,  # a throw-away session
         )
         token_lq = dec.token_log_q
         # teacher forcing: p_ref of all rollout tokens, in one model call when the session can

@@ -370,6 +370,7 @@ class HFPolicy:
             eos_id=self._eos,
             max_length=max_new_tokens,
             proposal=partial(filtered_logprobs, temperature=temperature, top_k=top_k, top_p=top_p),
+            drop_finished=True,  # a throw-away session
         )
         seqs = rows_to_seqs(out.tokens, self._eos)
         cost = session.cost + Cost(generated_tokens=out.generated_tokens)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from tiltsample.decode_engine import (
+    Decoded,
     DecodeRequest,
     Parking,
     decode,
@@ -30,6 +31,7 @@ from tiltsample.policy import (
     sequence_logprob_from_next,
     truncate_rows,
 )
+from tiltsample.row_generators import RowGenerators
 from tiltsample.token_laws import (
     check_law,
     draw_tokens,
@@ -236,6 +238,43 @@ def test_parking_gives_the_same_continuations_and_row_order(force: bool) -> None
     # parked rows are not pushed (rows ended by EOS cost nothing here either way)
     assert sb.cost.forward_tokens <= sa.cost.forward_tokens
     assert force or sb.cost.forward_tokens < sa.cost.forward_tokens
+
+
+@pytest.mark.parametrize("restore", [True, False])
+@pytest.mark.parametrize("groups", [False, True])
+def test_parking_with_same_draws_keeps_every_draw(restore: bool, groups: bool) -> None:
+    """``same_draws``: the parked decode draws exactly what the unparked one draws (tokens,
+    laws and the generators' final states), with a random law so that the stream matters;
+    ``restore=False`` drops the finished rows and returns only the rows left decoding."""
+    start = [0, 2, 1, 0, 3, 0, 1, 2, 0, 1, 0, 2]
+    rows = len(start)
+
+    def run(parking: Parking | None) -> tuple[Decoded, DecodeSession, list[Tensor]]:
+        gens = [torch.Generator().manual_seed(7 + g) for g in range(3 if groups else 1)]
+        gen: torch.Generator | RowGenerators = gens[0]
+        if groups:
+            gen = RowGenerators(gens, torch.arange(rows) // 4)
+        session = _ragged(SoftPolicy(), start)
+        req = _request(start=torch.tensor(start), cap=9, parking=parking)
+        out, session = decode(session, gen, req)
+        return out, session, [g.get_state() for g in gens]
+
+    plain, s_plain, states_plain = run(None)
+    parked, s_parked, states_parked = run(
+        Parking(shrink_below=0.9, min_rows=2, same_draws=True, restore=restore)
+    )
+    assert 0 < int((plain.new_lengths < 9 - torch.tensor(start)).sum()) < rows  # rows end early
+    for x, y in zip(plain, parked, strict=True):
+        assert x == y if x is None or isinstance(x, int) else torch.equal(x, y)
+    assert all(torch.equal(a, b) for a, b in zip(states_plain, states_parked, strict=True))
+    # (this toy session charges nothing for rows ended by EOS; the HF session does, see
+    # tests/samplers/ets for the saving)
+    assert s_parked.cost.forward_tokens <= s_plain.cost.forward_tokens
+    assert s_parked.cost.model_calls == s_plain.cost.model_calls
+    if restore:
+        assert s_parked.batch_size == rows
+    else:  # only the rows decoding at the last step are left
+        assert 0 < s_parked.batch_size < rows
 
 
 # ------------------------------------------------------------------ one position

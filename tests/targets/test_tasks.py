@@ -304,3 +304,37 @@ def test_ets_runs_on_the_shipped_diffusion_target(dlm: Any) -> None:
         seed=0,
     )
     assert len(out) == 1 and out.cost.model_calls > 0
+
+
+def test_dropping_finished_rows_keeps_the_draws_and_saves_forward_tokens() -> None:
+    """``decode_until_complete(drop_finished=True)`` on the shipped model: the same tokens and
+    generator states as keeping every row (laws equal up to a narrower forward's float error),
+    fewer forward tokens, the same model calls; what ``propose_many`` and the ETS rollouts use."""
+    from tiltsample.decoding import decode_until_complete
+    from tiltsample.policy import open_session_multi
+    from tiltsample.row_generators import RowGenerators
+
+    policy = tasks.load_policy()
+    prompts = [p.prompt_ids() for p in tasks.held_out_problems(4)]
+    runs = []
+    for drop in (False, True):
+        gens = [torch.Generator().manual_seed(11 + i) for i in range(len(prompts))]
+        session = open_session_multi(policy, prompts, 8)
+        out = decode_until_complete(
+            session,
+            RowGenerators.of_sizes(gens, [8] * len(prompts)),
+            eos_id=policy.eos_id,
+            max_length=tasks.MAX_NEW_TOKENS,
+            drop_finished=drop,
+        )
+        runs.append((out, session.cost, session.batch_size, [g.get_state() for g in gens]))
+    (a, cost_a, rows_a, states_a), (b, cost_b, rows_b, states_b) = runs
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.new_lengths, b.new_lengths)
+    assert a.generated_tokens == b.generated_tokens
+    assert torch.allclose(a.log_p, b.log_p, atol=1e-5) and torch.allclose(
+        a.log_q, b.log_q, atol=1e-5
+    )
+    assert all(torch.equal(x, y) for x, y in zip(states_a, states_b, strict=True))
+    assert cost_b.model_calls == cost_a.model_calls
+    assert cost_b.forward_tokens < 0.9 * cost_a.forward_tokens
+    assert rows_a == 32 and rows_b < 32  # the finished rows left the session
