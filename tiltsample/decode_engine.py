@@ -310,7 +310,9 @@ def decode(
             else generator,
             record_entropy=request.record_entropy,
         )
-        session.extend(out.fed[members] if sub is None and members is not None else out.fed)
+        # the step ran over ``sub``; the session holds ``members`` (the same rows unless
+        # same_draws spread the step over all rows)
+        session.extend(out.fed if sub is members else out.fed[members])
         cols.append(_scatter(out, sub, rows, request.eos_id))
         new_len[idx_or_all] += mine.long()
         generated += int(out.generated.sum())

@@ -10,6 +10,9 @@ import pytest
 import torch
 
 import tiltsample
+from tiltsample.decoding import decode_until_complete
+from tiltsample.policy import open_session_multi
+from tiltsample.row_generators import RowGenerators
 from tiltsample.targets import tasks
 from tiltsample.targets.tasks import arithmetic
 from tiltsample.targets.tasks.train import PRESETS, TrainConfig, evaluate, train
@@ -310,10 +313,6 @@ def test_dropping_finished_rows_keeps_the_draws_and_saves_forward_tokens() -> No
     """``decode_until_complete(drop_finished=True)`` on the shipped model: the same tokens and
     generator states as keeping every row (laws equal up to a narrower forward's float error),
     fewer forward tokens, the same model calls; what ``propose_many`` and the ETS rollouts use."""
-    from tiltsample.decoding import decode_until_complete
-    from tiltsample.policy import open_session_multi
-    from tiltsample.row_generators import RowGenerators
-
     policy = tasks.load_policy()
     prompts = [p.prompt_ids() for p in tasks.held_out_problems(4)]
     runs = []
